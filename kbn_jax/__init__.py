@@ -1,0 +1,11 @@
+"""kbn_jax: the Keras 2.x V1 BatchNormalization layer for JAX and Flax."""
+
+from kbn_jax import functional as functional
+from kbn_jax.layers import BatchNormalization as BatchNormalization
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "BatchNormalization",
+  "functional",
+)

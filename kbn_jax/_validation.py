@@ -1,0 +1,271 @@
+"""Argument checks shared by the Module and the Keras config importer.
+
+Pure-configuration checks run at construction (`check_config`); checks that need the input's
+shape run at trace time (`normalize_axes`, `check_virtual_batch`, ...). Every message names the
+argument, the value received, what is allowed, and the fix.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def canonicalize_axis(axis: Any) -> int | tuple[int, ...]:
+  """Checks the type of `axis` as Keras does at construction; lists become tuples.
+
+  Args:
+    axis: an int, or a list/tuple of ints.
+
+  Returns:
+    The int unchanged, or a tuple of ints.
+
+  Raises:
+    TypeError: if `axis` is not an int or a list/tuple of ints (NumPy integers are rejected,
+      as Keras rejects them).
+  """
+  if isinstance(axis, (list, tuple)):
+    if not axis:
+      raise ValueError(
+        "`axis`=[] is empty; pass at least one feature axis, e.g. axis=-1 for channels-last."
+      )
+    for a in axis:
+      if not isinstance(a, int):
+        raise TypeError(
+          f"Expected an int or a list/tuple of ints for the argument 'axis', but received: "
+          f"{axis!r} (element {a!r} is a {type(a).__name__}); pass Python ints, e.g. "
+          f"axis={[int(v) if isinstance(v, numbers.Integral) else v for v in axis]!r}."
+        )
+    return tuple(axis)
+  if isinstance(axis, int):
+    return axis
+  raise TypeError(
+    "Expected an int or a list/tuple of ints for the argument 'axis', but received: "
+    f"{axis!r} of type {type(axis).__name__}; pass a Python int such as axis=-1 "
+    "(convert NumPy integers with int(...))."
+  )
+
+
+def normalize_axes(axis: int | tuple[int, ...], rank: int) -> tuple[int, ...]:
+  """Resolves `axis` against the input rank like Keras's `validate_axis`.
+
+  Args:
+    axis: the canonical `axis` (int or tuple of ints).
+    rank: the input's rank.
+
+  Returns:
+    The feature axes as non-negative ints, in the order given.
+
+  Raises:
+    ValueError: for a scalar input, an axis out of range, or a duplicate axis.
+  """
+  if rank == 0:
+    raise ValueError(
+      "Input has undefined rank. Received: input_shape=() (a scalar); BatchNormalization "
+      "needs at least one feature axis, so pass an array of rank >= 1."
+    )
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  resolved = tuple(a + rank if a < 0 else a for a in axes)
+  if any(not 0 <= a < rank for a in resolved):
+    raise ValueError(
+      "Invalid value for `axis` argument. Expected 0 <= axis < inputs.rank (with "
+      f"inputs.rank={rank}). Received: axis={axis!r} (normalized: {resolved}); pass axes "
+      f"between {-rank} and {rank - 1}."
+    )
+  if len(set(resolved)) != len(resolved):
+    raise ValueError(
+      f"Duplicate axis: `axis`={axis!r} names the same axis twice once negative values are "
+      f"resolved for rank {rank} ({resolved}); list each feature axis once."
+    )
+  return resolved
+
+
+def check_renorm_clipping(renorm_clipping: Any) -> None:
+  """Checks `renorm_clipping` keys and value types (Keras validates only the keys)."""
+  if renorm_clipping is None:
+    return
+  if not isinstance(renorm_clipping, Mapping):
+    raise TypeError(
+      f"`renorm_clipping` must be a dict with keys among {list(RENORM_CLIPPING_KEYS)}, but "
+      f"received {renorm_clipping!r}; e.g. renorm_clipping={{'rmax': 3.0, 'dmax': 5.0}}."
+    )
+  bad = set(renorm_clipping) - set(RENORM_CLIPPING_KEYS)
+  if bad:
+    raise ValueError(
+      f"Received invalid keys for `renorm_clipping` argument: {bad}. Supported values: "
+      f"{list(RENORM_CLIPPING_KEYS)}."
+    )
+  for key, value in renorm_clipping.items():
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+      raise TypeError(
+        f"`renorm_clipping[{key!r}]`={value!r} must be a real number or None (no clipping); "
+        "to change clipping per step under jit, pass traced values to the call through "
+        "`renorm_clipping=` instead."
+      )
+
+
+def check_config(
+  *,
+  momentum: Any,
+  epsilon: Any,
+  renorm: bool,
+  renorm_clipping: Any,
+  renorm_momentum: Any,
+  fused: Any,
+  virtual_batch_size: Any,
+  adjustment: Any,
+  flags: Mapping[str, Any],
+) -> None:
+  """Checks every pure-configuration argument of `BatchNormalization`.
+
+  Args:
+    momentum, epsilon, renorm, renorm_clipping, renorm_momentum, fused, virtual_batch_size,
+    adjustment: the constructor arguments of the same names.
+    flags: boolean arguments by name (`center`, `scale`, `renorm`, `trainable`).
+
+  Raises:
+    TypeError, ValueError: naming the argument and the fix.
+  """
+  for name, value in flags.items():
+    if not isinstance(value, bool):
+      raise TypeError(f"`{name}`={value!r} must be a Python bool (True or False).")
+  _check_unit_interval("momentum", momentum)
+  if renorm:
+    _check_unit_interval("renorm_momentum", renorm_momentum)
+    check_renorm_clipping(renorm_clipping)
+  if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+    raise TypeError(f"`epsilon`={epsilon!r} must be a real number such as 1e-3.")
+  if not epsilon >= 0:
+    raise ValueError(
+      f"`epsilon`={epsilon!r} must be >= 0; it is added to the variance before the square "
+      "root, so use a small positive value such as 1e-3."
+    )
+  if fused is not None and not isinstance(fused, bool):
+    raise TypeError(f"`fused`={fused!r} must be None, True or False.")
+  if virtual_batch_size is not None:
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+      raise TypeError(
+        f"`virtual_batch_size`={virtual_batch_size!r} must be a positive Python int or None."
+      )
+    if virtual_batch_size <= 0:
+      raise ValueError(
+        "`virtual_batch_size` must be a positive integer that divides the true batch size of "
+        f"the input tensor. Received: virtual_batch_size={virtual_batch_size}; pass e.g. 32, "
+        "or None to disable ghost batches."
+      )
+    if adjustment is not None:
+      raise ValueError(
+        "When using `virtual_batch_size`, adjustment cannot be specified; pass "
+        "`adjustment=None` or `virtual_batch_size=None`."
+      )
+  if adjustment is not None and not callable(adjustment):
+    raise TypeError(
+      f"`adjustment`={adjustment!r} must be a callable `adjustment(shape) -> (scale, bias)`."
+    )
+
+
+def _check_unit_interval(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"`{name}`={value!r} must be a real number in [0, 1], such as 0.99.")
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+      f"`{name}`={value!r} must be in [0, 1]: it is the weight of the old value in the moving "
+      f"average (0.99 keeps 99%); pass e.g. {name}=0.99."
+    )
+
+
+def check_ghost_batch_axes(axes: Sequence[int]) -> None:
+  """Raises if a feature axis is the batch axis, which ghost batches split."""
+  if 0 in axes:
+    raise ValueError(
+      "When using `virtual_batch_size`, the batch dimension must be 0 and thus axis cannot "
+      f"include 0. Received axis={list(axes)}; move the batch to dimension 0 or drop "
+      "`virtual_batch_size`."
+    )
+
+
+def check_ghost_batch_size(virtual_batch_size: int, batch_size: int) -> None:
+  """Raises if `virtual_batch_size` does not divide the batch size (a training-time check)."""
+  if batch_size % virtual_batch_size:
+    raise ValueError(
+      f"`virtual_batch_size`={virtual_batch_size} must divide the batch size {batch_size}; "
+      f"choose a batch size that is a multiple of {virtual_batch_size}."
+    )
+
+
+def check_renorm_clipping_keys(renorm_clipping: Any) -> None:
+  """Checks the keys of per-call clipping bounds (their values may be traced)."""
+  if not isinstance(renorm_clipping, Mapping):
+    raise TypeError(
+      f"`renorm_clipping`={renorm_clipping!r} must be a dict with keys among "
+      f"{list(RENORM_CLIPPING_KEYS)}."
+    )
+  bad = set(renorm_clipping) - set(RENORM_CLIPPING_KEYS)
+  if bad:
+    raise ValueError(
+      f"Received invalid keys for `renorm_clipping` argument: {bad}. Supported values: "
+      f"{list(RENORM_CLIPPING_KEYS)}."
+    )
+
+
+def check_training(training: Any) -> bool:
+  """Returns `training` as a Python bool; Keras's 0/1 are accepted, traced values are not."""
+  if isinstance(training, bool):
+    return training
+  if isinstance(training, numbers.Integral) and training in (0, 1):
+    return bool(training)
+  raise TypeError(
+    f"`training`={training!r} must be a Python bool. It selects the computation, so it is "
+    "static: under `jax.jit` mark it static (`static_argnames=('training',)`) or write one "
+    "step function for training and one for inference."
+  )
+
+
+def check_mask_shape(mask_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> None:
+  """Raises unless ``expand_dims(mask, -1)`` broadcasts to the input (Keras's rule)."""
+  expanded = tuple(mask_shape) + (1,)
+  compatible = len(expanded) == len(input_shape) and all(
+    m in (1, i) for m, i in zip(expanded, input_shape, strict=True)
+  )
+  if not compatible:
+    raise ValueError(
+      f"`mask` of shape {tuple(mask_shape)} does not match inputs of shape "
+      f"{tuple(input_shape)}: it must have shape inputs.shape[:-1] = "
+      f"{tuple(input_shape[:-1])} (one weight per position, shared by the last axis)."
+    )
+
+
+def check_axis_index_groups(axis_index_groups: Any, virtual_batch_size: int | None) -> None:
+  """Checks that `axis_index_groups` is a partition into equal-size groups of indices."""
+  if axis_index_groups is None:
+    return
+  if virtual_batch_size is not None:
+    raise ValueError(
+      "`axis_index_groups` cannot be combined with `virtual_batch_size`: ghost batches that "
+      "span devices form their own groups. Drop `axis_index_groups`."
+    )
+  groups = [list(group) for group in axis_index_groups]
+  flat = [index for group in groups for index in group]
+  if (
+    not groups
+    or any(not isinstance(i, int) or isinstance(i, bool) for i in flat)
+    or sorted(flat) != list(range(len(flat)))
+    or len({len(group) for group in groups}) != 1
+  ):
+    raise ValueError(
+      f"`axis_index_groups`={axis_index_groups!r} must split the device indices "
+      "0..N-1 into groups of equal size, each index once, e.g. [[0, 1, 2, 3], [4, 5, 6, 7]]."
+    )
+
+
+def check_feature_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+  """Raises if a stored variable was built for other feature sizes than this input has."""
+  if tuple(actual) != tuple(expected):
+    raise ValueError(
+      f"`{name}` has shape {tuple(actual)} but this input's feature axes have size "
+      f"{tuple(expected)}; the variables were built for another feature dimension. Re-run "
+      "`init` with an input of the new shape, or feed inputs of the shape used at `init`."
+    )
