@@ -133,6 +133,19 @@ class BatchNormalization(nn.Module):
       constraints.get(getattr(self, name), argument=name)
     super().__post_init__()
 
+  @classmethod
+  def from_keras_config(cls, config: Mapping[str, Any]) -> BatchNormalization:
+    """Builds the layer from a Keras ``get_config()`` dict (see `kbn_jax.keras_compat`)."""
+    from kbn_jax import keras_compat  # noqa: PLC0415 (keras_compat imports this module)
+
+    return keras_compat.from_keras_config(config, cls)
+
+  def to_keras_config(self) -> dict[str, Any]:
+    """A config dict that ``tf_keras``'s V1 ``BatchNormalization.from_config`` accepts."""
+    from kbn_jax import keras_compat  # noqa: PLC0415
+
+    return keras_compat.to_keras_config(self)
+
   @nn.compact
   def __call__(
     self,
