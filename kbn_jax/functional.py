@@ -392,7 +392,7 @@ def normalize(
   dtype = x.dtype
   variance = jnp.asarray(variance).astype(dtype)
   mean = jnp.asarray(mean).astype(dtype)
-  inv = lax.rsqrt(variance + jnp.asarray(epsilon, dtype))
+  inv = jnp.reciprocal(jnp.sqrt(variance + jnp.asarray(epsilon, dtype)))
   if scale is not None:
     inv = inv * jnp.asarray(scale).astype(dtype)
   if subtract_mean_first:

@@ -158,8 +158,8 @@ class BatchNormalization(nn.Module):
     """Normalizes `inputs`.
 
     Args:
-      inputs: array with the batch on axis 0 (ghost batches) and features on `axis`. Integer
-        and boolean inputs are cast to float, as Keras does.
+      inputs: array with the batch on axis 0 (ghost batches) and features on `axis`. It is cast
+        to `dtype` when that is set, and integer or boolean inputs to float, as Keras does.
       training: Python bool (static): batch statistics and moving-average updates (requires
         ``mutable=["batch_stats"]`` unless ``trainable=False``), or moving statistics.
       mask: optional ``inputs.shape[:-1]`` weights for padding-aware moments (Keras >= 2.12);
@@ -172,7 +172,8 @@ class BatchNormalization(nn.Module):
     """
     training = _validation.check_training(training)
     x = jnp.asarray(inputs)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
+    if self.dtype is not None or not jnp.issubdtype(x.dtype, jnp.inexact):
+      # Keras casts inputs to the layer's compute dtype first (as Flax layers cast to `dtype`).
       x = x.astype(self.dtype or self.param_dtype)
     axes = _validation.normalize_axes(_validation.canonicalize_axis(self.axis), x.ndim)
     feature_axes = tuple(sorted(axes))
