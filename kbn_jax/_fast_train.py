@@ -92,13 +92,40 @@ def batch_norm_train(
   x = jnp.asarray(x)
   axes = _canonical_axes(reduction_axes, x.ndim)
   stats_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
-  scale = _per_channel(scale, "scale", stats_shape)
-  offset = _per_channel(offset, "offset", stats_shape)
   compute_dtype = functional.reduction_dtype(x.dtype)
   out_dtype = jnp.dtype(compute_dtype if dtype is None else dtype)
   groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-  kernel = _kernel(axes, float(epsilon), bool(subtract_mean_first), out_dtype, axis_name, groups)
-  return kernel(x, scale, offset)
+  # Adjacent reduced (or kept) axes are merged, a free reshape: XLA then sees a 2-D or 3-D
+  # reduction instead of a rank-4 or rank-5 one.
+  shape, kernel_axes = _collapse(x.shape, axes)
+  kernel_stats = tuple(1 if a in kernel_axes else n for a, n in enumerate(shape))
+  scale = _per_channel(scale, "scale", stats_shape, kernel_stats)
+  offset = _per_channel(offset, "offset", stats_shape, kernel_stats)
+  kernel = _kernel(
+    kernel_axes, float(epsilon), bool(subtract_mean_first), out_dtype, axis_name, groups
+  )
+  y, mean, variance = kernel(x.reshape(shape), scale, offset)
+  return y.reshape(x.shape), mean.reshape(stats_shape), variance.reshape(stats_shape)
+
+
+def _collapse(shape: tuple[int, ...], axes: tuple[int, ...]):
+  """Merges runs of adjacent reduced axes and runs of adjacent kept axes.
+
+  Returns:
+    ``(new_shape, new_reduction_axes)``; reshaping to `new_shape` is free (row-major).
+  """
+  new_shape, new_axes = [], []
+  previous = None
+  for axis, size in enumerate(shape):
+    reduced = axis in axes
+    if reduced == previous:
+      new_shape[-1] *= size
+    else:
+      new_shape.append(size)
+      if reduced:
+        new_axes.append(len(new_shape) - 1)
+    previous = reduced
+  return tuple(new_shape), tuple(new_axes)
 
 
 def _canonical_axes(reduction_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -115,24 +142,29 @@ def _canonical_axes(reduction_axes: Sequence[int], ndim: int) -> tuple[int, ...]
   return tuple(sorted(axes))
 
 
-def _per_channel(value, name: str, stats_shape: tuple[int, ...]) -> jax.Array | None:
-  """Checks that `value` broadcasts to the statistics' shape and returns it at full rank."""
+def _per_channel(value, name, stats_shape, kernel_stats_shape) -> jax.Array | None:
+  """Checks that `value` broadcasts to the statistics' shape; returns it in the kernel's shape.
+
+  Broadcasting happens outside the `custom_vjp`, so autodiff sums the gradient back to the
+  shape the caller passed.
+  """
   if value is None:
     return None
   value = jnp.asarray(value)
-  if value.ndim > len(stats_shape):
+  rank = len(stats_shape)
+  if value.ndim > rank:
     raise ValueError(
-      f"`{name}` of shape {value.shape} has more dimensions than the input ({len(stats_shape)})."
+      f"`{name}` of shape {value.shape} has more dimensions than the input ({rank})."
     )
-  value = value.reshape((1,) * (len(stats_shape) - value.ndim) + value.shape)
-  for size, stat_size in zip(value.shape, stats_shape, strict=True):
+  full = value.reshape((1,) * (rank - value.ndim) + value.shape)
+  for size, stat_size in zip(full.shape, stats_shape, strict=True):
     if size not in (1, stat_size):
       raise ValueError(
         f"`{name}` of shape {value.shape} does not broadcast to the statistics' shape "
         f"{stats_shape}: it must be 1 on every reduction axis (a per-channel vector); "
         "use functional.normalize for per-element scales."
       )
-  return value
+  return jnp.broadcast_to(full, stats_shape).reshape(kernel_stats_shape)
 
 
 @functools.lru_cache(maxsize=256)
@@ -175,12 +207,12 @@ def _kernel(axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index
     x, scale, offset, mean, rstd, count = residuals
     dy, dmean, dvariance = cotangents
     cdtype = mean.dtype
-    xmu = x.astype(cdtype) - mean
+    xc = x.astype(cdtype)
     if isinstance(dy, SymbolicZero):
-      dy = jnp.zeros(xmu.shape, cdtype)
+      dy = jnp.zeros(xc.shape, cdtype)
     dy = dy.astype(cdtype)
     sum_dy = jnp.sum(dy, axes, keepdims=True)
-    sum_dy_xmu = jnp.sum(dy * xmu, axes, keepdims=True)
+    sum_dy_xmu = jnp.sum(dy * (xc - _distinct(mean, rstd)), axes, keepdims=True)
     global_dy, global_dy_xmu = sum_dy, sum_dy_xmu
     dmean = None if isinstance(dmean, SymbolicZero) else dmean.astype(cdtype)
     dvariance = None if isinstance(dvariance, SymbolicZero) else dvariance.astype(cdtype)
@@ -198,9 +230,9 @@ def _kernel(axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index
       c = c + dmean * inv_n
     if dvariance is not None:
       b = b + 2 * dvariance * inv_n
-    dx = (a * dy + b * xmu + c).astype(x.dtype)
-    dscale = None if scale is None else _reduce_to(sum_dy_xmu * rstd, scale)
-    doffset = None if offset is None else _reduce_to(sum_dy, offset)
+    dx = (a * dy + b * (xc - _distinct(mean, a)) + c).astype(x.dtype)
+    dscale = None if scale is None else (sum_dy_xmu * rstd).astype(scale.dtype)
+    doffset = None if offset is None else sum_dy.astype(offset.dtype)
     return dx, dscale, doffset
 
   def _psum_partials(sum_dy, sum_dy_xmu, dmean, dvariance):
@@ -224,9 +256,13 @@ def _div_no_nan(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return jnp.where(denominator == 0, jnp.zeros_like(numerator), numerator / safe)
 
 
-def _reduce_to(value: jax.Array, like: jax.Array) -> jax.Array:
-  """Sums `value` over the axes where `like` has size 1 and casts to `like`'s dtype."""
-  axes = tuple(a for a, n in enumerate(like.shape) if n == 1 and value.shape[a] != 1)
-  if axes:
-    value = jnp.sum(value, axes, keepdims=True)
-  return value.astype(like.dtype)
+def _distinct(value: jax.Array, tag: jax.Array) -> jax.Array:
+  """`value`, hidden from XLA's common-subexpression elimination by a barrier tied to `tag`.
+
+  XLA:CPU fuses ``x - mean`` into each reduction or elementwise pass that reads it, unless one
+  broadcast of `mean` is shared by several passes: then it writes the broadcast (or
+  ``x - mean``) out as an activation-sized temporary. Giving each pass its own ``mean`` keeps
+  every pass a single read of ``x``.
+  """
+  value, _ = lax.optimization_barrier((value, tag))
+  return value

@@ -101,7 +101,7 @@ def partial_moments(
   axes = tuple(reduction_axes)
   if mask is None:
     mean = jnp.mean(x, axes, keepdims=True)
-    m2 = jnp.sum(jnp.square(x - lax.stop_gradient(mean)), axes, keepdims=True)
+    m2 = jnp.sum(jnp.square(x - mean), axes, keepdims=True)
     count = jnp.full(mean.shape, math.prod(x.shape[a] for a in axes), x.dtype)
     return count, mean, m2
   weights = _mask_weights(x, mask)
