@@ -227,33 +227,9 @@ class BatchNormalization(nn.Module):
       adjust_scale, adjust_bias = self._adjustment(x.shape)
       scale, offset = functional.compose_affine(adjust_scale, adjust_bias, scale, offset)
 
-    if ghost_spans_devices:
-      mean, variance, batch_mean, batch_variance = functional.device_group_moments(
-        x,
-        reduction_axes,
-        axis_name=self.axis_name,
-        group_size=self._ghost_group_size(batch_size),
-      )
-    elif split:
-      # Each ghost batch lives on one device: normalize locally, average the moments of every
-      # ghost batch of every device for the moving statistics (one collective).
-      mean, variance = functional.moments(x, reduction_axes, keepdims=True)
-      batch_mean = jnp.mean(mean, axis=1, keepdims=True)
-      batch_variance = jnp.mean(variance, axis=1, keepdims=True)
-      if syncing:
-        batch_mean, batch_variance = jax.lax.pmean(
-          jnp.stack([batch_mean, batch_variance]), self.axis_name
-        )
-    else:
-      mean, variance = functional.moments(
-        x,
-        reduction_axes,
-        mask=mask,
-        axis_name=self.axis_name if syncing else None,
-        axis_index_groups=self.axis_index_groups,
-        keepdims=True,
-      )
-      batch_mean, batch_variance = mean, variance
+    mean, variance, batch_mean, batch_variance = self._batch_moments(
+      x, mask, reduction_axes, syncing=syncing, split=split, spans_devices=ghost_spans_devices
+    )
     batch_mean = batch_mean.reshape(feature_shape)
     batch_variance = batch_variance.reshape(feature_shape)
 
@@ -276,6 +252,38 @@ class BatchNormalization(nn.Module):
       subtract_mean_first=fused,
     )
     return functional.merge_ghost_batches(y) if split else y
+
+  def _batch_moments(self, x, mask, reduction_axes, *, syncing, split, spans_devices):
+    """Returns the moments that normalize ``x`` and the ones the moving averages move toward.
+
+    They differ with ghost batches: each ghost batch is normalized by its own moments, and the
+    moving statistics move toward their mean over every ghost batch (of every device).
+    """
+    if spans_devices:
+      return functional.device_group_moments(
+        x,
+        reduction_axes,
+        axis_name=self.axis_name,
+        group_size=self._ghost_group_size(x.shape[0]),
+      )
+    if split:
+      mean, variance = functional.moments(x, reduction_axes, keepdims=True)
+      batch_mean = jnp.mean(mean, axis=1, keepdims=True)
+      batch_variance = jnp.mean(variance, axis=1, keepdims=True)
+      if syncing:  # one collective; the normalization itself needs none
+        batch_mean, batch_variance = jax.lax.pmean(
+          jnp.stack([batch_mean, batch_variance]), self.axis_name
+        )
+      return mean, variance, batch_mean, batch_variance
+    mean, variance = functional.moments(
+      x,
+      reduction_axes,
+      mask=mask,
+      axis_name=self.axis_name if syncing else None,
+      axis_index_groups=self.axis_index_groups,
+      keepdims=True,
+    )
+    return mean, variance, mean, variance
 
   def _ghost_group_size(self, batch_size: int) -> int:
     """Devices per virtual batch when the per-device batch is smaller than the ghost batch."""
