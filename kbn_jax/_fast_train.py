@@ -1,26 +1,29 @@
 """Training-mode batch normalization with a closed-form backward pass.
 
-`batch_norm_train` computes exactly what ``functional.moments`` followed by
-``functional.normalize`` compute (two-pass moments in at least float32, Keras's two arithmetic
-forms), but differentiates with a `jax.custom_vjp` instead of autodiff. Autodiff through the
-two-pass moments and the affine map saves several activation-sized intermediates and streams
-them back; the closed form needs only the input and a few per-channel vectors:
+Autodiff through two-pass moments and the affine map keeps several activation-sized
+intermediates alive and streams them back. This module computes the same forward arithmetic as
+``functional.moments`` followed by ``functional.normalize`` (Keras's two forms), but
+differentiates with a `jax.custom_vjp` whose backward needs only the input and per-channel
+vectors:
 
 .. math::
   \\hat x = (x - \\mu) \\rho, \\quad \\rho = (\\sigma^2 + \\epsilon)^{-1/2}, \\quad
   \\frac{\\partial L}{\\partial x} = \\gamma \\rho \\Big(g - \\overline{g}
-  - \\hat x \\, \\overline{g \\hat x}\\Big)
-  + \\frac{\\bar\\mu}{n} + \\frac{2 \\bar v}{n} (x - \\mu),
+  - \\hat x \\, \\overline{g \\hat x}\\Big),
 
-where ``g`` is the output cotangent, overlines are means over the reduced axes (over the whole
-global batch with ``axis_name``), and ``bar mu``, ``bar v`` are the cotangents of the returned
-mean and variance. The backward reads the input and the cotangent twice (one reduction, one
-elementwise pass) and writes the input cotangent once.
+where ``g`` is the output cotangent and overlines are means over the reduced axes (over the
+whole global batch with ``axis_name``). The backward reads the input and the cotangent twice
+(two reductions, one elementwise pass) and writes the input cotangent once.
 
-Reverse-over-reverse (``jax.grad`` of ``jax.grad``) and forward-over-reverse (``jax.hessian``)
-work, because the backward is itself ordinary differentiable JAX code. Forward mode applied
-directly to `batch_norm_train` (``jax.jvp``, ``jax.jacfwd``) is not supported by a
-`jax.custom_vjp` and raises a ``TypeError``; use ``functional.moments`` and
+`normalize_batch` is the primitive: it takes the batch moments, so that callers can derive
+renorm's ``r, d`` or other corrections from them and fold everything into one per-channel
+scale and offset *before* the activations are touched. `batch_norm_train` wraps moments and
+normalization in one call.
+
+Differentiation: reverse mode of any order works (``jax.grad`` of ``jax.grad``, and
+``jax.hessian``, which is forward-over-reverse), because the backward is ordinary
+differentiable JAX code. Forward mode applied directly (``jax.jvp``, ``jax.jacfwd``) is not
+available for a `jax.custom_vjp` and raises ``TypeError``; use ``functional.moments`` and
 ``functional.normalize`` there.
 
 References:
@@ -36,7 +39,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from kbn_jax import functional
 
@@ -55,7 +57,7 @@ def batch_norm_train(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normalizes `x` with its own batch statistics; differentiable in `x`, `scale`, `offset`.
 
-  Equivalent to::
+  Computes, with the same forward arithmetic::
 
     xc = x.astype(functional.reduction_dtype(x.dtype))
     mean, variance = functional.moments(xc, reduction_axes, axis_name=axis_name,
@@ -63,16 +65,15 @@ def batch_norm_train(
     y = functional.normalize(xc, mean, variance, scale=scale, offset=offset, epsilon=epsilon,
                              subtract_mean_first=subtract_mean_first).astype(dtype)
 
-  with the same forward arithmetic, and gradients equal to autodiff of that code up to
-  rounding. Only `x` and per-channel vectors are kept for the backward pass; a 16-bit `x` is
-  kept in 16 bits.
+  and gradients equal to autodiff of that code up to rounding. Only `x` (in its own dtype, so a
+  16-bit `x` stays 16-bit) and per-channel vectors are kept for the backward pass.
 
   Args:
     x: input array, any floating dtype.
-    scale: optional gamma (already composed with renorm's ``r`` or an adjustment), broadcastable
-      to the statistics' shape: size 1 on every reduction axis.
-    offset: optional beta (composed likewise), with the same shape rule as `scale`.
-    reduction_axes: axes to reduce over (static, non-negative or negative ints).
+    scale: optional per-channel gamma, broadcastable to the statistics' shape (size 1 on every
+      reduction axis).
+    offset: optional per-channel beta, with the same shape rule.
+    reduction_axes: axes to reduce over (static).
     epsilon: added to the variance.
     subtract_mean_first: use the fused kernel's form ``(x - mean) * inv + offset`` instead of
       ``x * inv + (offset - mean * inv)``.
@@ -82,12 +83,111 @@ def batch_norm_train(
     axis_index_groups: optional groups of `axis_name` indices reduced separately.
 
   Returns:
-    ``(y, mean, variance)``; `mean` and the biased `variance` keep the reduced axes as size 1
-    and are in the computation dtype.
+    ``(y, mean, variance)``; `mean` and the biased `variance` keep the reduced axes as size 1,
+    are in the computation dtype and are differentiable (their own gradients flow to `x`).
+  """
+  x = jnp.asarray(x)
+  axes = _canonical_axes(reduction_axes, x.ndim)
+  mean, variance = batch_moments(x, axes, axis_name=axis_name, axis_index_groups=axis_index_groups)
+  y = normalize_batch(
+    x,
+    mean,
+    variance,
+    scale,
+    offset,
+    reduction_axes=axes,
+    epsilon=epsilon,
+    subtract_mean_first=subtract_mean_first,
+    dtype=dtype,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  )
+  return y, mean, variance
+
+
+def batch_moments(
+  x: jax.typing.ArrayLike,
+  reduction_axes: Sequence[int],
+  *,
+  axis_name: functional.AxisName | None = None,
+  axis_index_groups: functional.AxisIndexGroups | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """``functional.moments(x, ..., keepdims=True)`` with a closed-form backward pass.
+
+  The forward pass is ``functional.moments`` in the computation dtype (two-pass, one
+  ``all_gather`` with `axis_name`). The backward pass keeps only `x` and the mean:
+
+  .. math::
+    \\frac{\\partial L}{\\partial x} = \\frac{\\bar\\mu + 2 \\bar v (x - \\mu)}{n}.
+
+  Autodiff of the two-pass formula would instead keep ``2 (x - mean)``, a second
+  activation-sized array. When nothing downstream differentiates the moments (the usual case:
+  `normalize_batch` returns zero cotangents for them), the backward pass is skipped entirely.
+
+  Args:
+    x: input array, any floating dtype.
+    reduction_axes: axes to reduce over (static).
+    axis_name: optional mapped axis name(s) to reduce across devices.
+    axis_index_groups: optional groups of `axis_name` indices reduced separately.
+
+  Returns:
+    ``(mean, variance)``, biased, with the reduced axes kept as size 1, in
+    ``reduction_dtype(x.dtype)``.
+  """
+  x = jnp.asarray(x)
+  axes = _canonical_axes(reduction_axes, x.ndim)
+  groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+  return _moments_kernel(axes, axis_name, groups)(x)
+
+
+def normalize_batch(
+  x: jax.typing.ArrayLike,
+  mean: jax.typing.ArrayLike,
+  variance: jax.typing.ArrayLike,
+  scale: jax.typing.ArrayLike | None = None,
+  offset: jax.typing.ArrayLike | None = None,
+  *,
+  reduction_axes: Sequence[int],
+  epsilon: float,
+  subtract_mean_first: bool = False,
+  dtype: jax.typing.DTypeLike | None = None,
+  axis_name: functional.AxisName | None = None,
+  axis_index_groups: functional.AxisIndexGroups | None = None,
+) -> jax.Array:
+  """``functional.normalize`` with batch moments, differentiated as batch normalization.
+
+  The forward pass is exactly ``functional.normalize(x.astype(c), mean, variance, ...)`` in the
+  computation dtype ``c = reduction_dtype(x.dtype)``, cast to `dtype`. The backward pass treats
+  `mean` and `variance` as what they must be, the biased moments of `x` over `reduction_axes`
+  (and over `axis_name`): the input cotangent includes their dependence on `x`, and `mean` and
+  `variance` themselves receive zero cotangents, so passing them with or without
+  ``stop_gradient`` gives the same first-order gradients. Passing them *without*
+  ``stop_gradient`` keeps higher-order gradients exact.
+
+  Any correction derived from the moments (renorm's ``r`` and ``d``, an adjustment) should be
+  folded into `scale` and `offset`, under ``stop_gradient`` where the method says so.
+
+  Args:
+    x: input array, any floating dtype.
+    mean: batch mean with the reduced axes kept as size 1.
+    variance: biased batch variance, same shape.
+    scale: optional per-channel scale, broadcastable to `mean`'s shape (size 1 on every
+      reduction axis).
+    offset: optional per-channel offset, same shape rule.
+    reduction_axes: axes `mean` and `variance` were reduced over (static).
+    epsilon: added to the variance.
+    subtract_mean_first: use the fused kernel's form.
+    dtype: dtype of the result; defaults to the computation dtype.
+    axis_name: mapped axis name(s) the moments were reduced over, if any; the backward pass
+      then issues one ``psum`` of per-channel partial sums.
+    axis_index_groups: optional groups of `axis_name` indices.
+
+  Returns:
+    The normalized array.
 
   Raises:
-    ValueError: if `scale` or `offset` is not size 1 on a reduction axis, or an axis is out of
-      range.
+    ValueError: if an axis is out of range or repeated, or `scale`, `offset`, `mean` or
+      `variance` is not a per-channel array.
   """
   x = jnp.asarray(x)
   axes = _canonical_axes(reduction_axes, x.ndim)
@@ -95,17 +195,52 @@ def batch_norm_train(
   compute_dtype = functional.reduction_dtype(x.dtype)
   out_dtype = jnp.dtype(compute_dtype if dtype is None else dtype)
   groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-  # Adjacent reduced (or kept) axes are merged, a free reshape: XLA then sees a 2-D or 3-D
-  # reduction instead of a rank-4 or rank-5 one.
+  # Adjacent reduced (or kept) axes are merged, a free row-major reshape, so XLA sees a 2-D or
+  # 3-D reduction. Per-channel operands are broadcast to the statistics' shape outside the
+  # custom_vjp, so autodiff sums their gradients back to the caller's shapes.
   shape, kernel_axes = _collapse(x.shape, axes)
   kernel_stats = tuple(1 if a in kernel_axes else n for a, n in enumerate(shape))
-  scale = _per_channel(scale, "scale", stats_shape, kernel_stats)
-  offset = _per_channel(offset, "offset", stats_shape, kernel_stats)
+  operands = [
+    _per_channel(value, name, stats_shape, kernel_stats, compute_dtype)
+    for name, value in (
+      ("mean", mean),
+      ("variance", variance),
+      ("scale", scale),
+      ("offset", offset),
+    )
+  ]
   kernel = _kernel(
-    kernel_axes, float(epsilon), bool(subtract_mean_first), out_dtype, axis_name, groups
+    shape, kernel_axes, float(epsilon), bool(subtract_mean_first), out_dtype, axis_name, groups
   )
-  y, mean, variance = kernel(x.reshape(shape), scale, offset)
-  return y.reshape(x.shape), mean.reshape(stats_shape), variance.reshape(stats_shape)
+  return kernel(x, *operands)
+
+
+def is_per_channel(
+  value: jax.typing.ArrayLike | None, reduction_axes: Sequence[int], ndim: int
+) -> bool:
+  """Whether `value` (``None`` counts) has size 1 on every reduction axis of a rank-`ndim`
+  input, i.e. whether `normalize_batch` accepts it as a scale or offset."""
+  if value is None:
+    return True
+  shape = jnp.shape(value)
+  if len(shape) > ndim:
+    return False
+  shape = (1,) * (ndim - len(shape)) + tuple(shape)
+  return all(shape[a % ndim] == 1 for a in reduction_axes)
+
+
+def _canonical_axes(reduction_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+  axes = []
+  for axis in reduction_axes:
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+        f"`reduction_axes` entry {axis} is out of range for an input of rank {ndim}; use "
+        f"axes in [{-ndim}, {ndim})."
+      )
+    axes.append(axis % ndim)
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"`reduction_axes`={tuple(reduction_axes)} repeats an axis; list each once.")
+  return tuple(sorted(axes))
 
 
 def _collapse(shape: tuple[int, ...], axes: tuple[int, ...]):
@@ -128,66 +263,41 @@ def _collapse(shape: tuple[int, ...], axes: tuple[int, ...]):
   return tuple(new_shape), tuple(new_axes)
 
 
-def _canonical_axes(reduction_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
-  axes = []
-  for axis in reduction_axes:
-    if not -ndim <= axis < ndim:
-      raise ValueError(
-        f"`reduction_axes` entry {axis} is out of range for an input of rank {ndim}; use "
-        f"axes in [{-ndim}, {ndim})."
-      )
-    axes.append(axis % ndim)
-  if len(set(axes)) != len(axes):
-    raise ValueError(f"`reduction_axes`={tuple(reduction_axes)} repeats an axis; list each once.")
-  return tuple(sorted(axes))
-
-
-def _per_channel(value, name, stats_shape, kernel_stats_shape) -> jax.Array | None:
+def _per_channel(value, name, stats_shape, kernel_stats_shape, compute_dtype):
   """Checks that `value` broadcasts to the statistics' shape; returns it in the kernel's shape.
 
-  Broadcasting happens outside the `custom_vjp`, so autodiff sums the gradient back to the
-  shape the caller passed.
+  ``mean`` and ``variance`` are cast to the computation dtype; scale and offset keep theirs
+  (the kernel casts them, so their gradients come back in their own dtype).
   """
   if value is None:
     return None
   value = jnp.asarray(value)
   rank = len(stats_shape)
-  if value.ndim > rank:
+  full = value.reshape((1,) * (rank - value.ndim) + value.shape) if value.ndim <= rank else value
+  if full.ndim != rank or any(
+    n not in (1, s) for n, s in zip(full.shape, stats_shape, strict=True)
+  ):
     raise ValueError(
-      f"`{name}` of shape {value.shape} has more dimensions than the input ({rank})."
+      f"`{name}` of shape {value.shape} does not broadcast to the statistics' shape "
+      f"{stats_shape}: it must be 1 on every reduction axis (a per-channel array); use "
+      "functional.normalize for per-element values."
     )
-  full = value.reshape((1,) * (rank - value.ndim) + value.shape)
-  for size, stat_size in zip(full.shape, stats_shape, strict=True):
-    if size not in (1, stat_size):
-      raise ValueError(
-        f"`{name}` of shape {value.shape} does not broadcast to the statistics' shape "
-        f"{stats_shape}: it must be 1 on every reduction axis (a per-channel vector); "
-        "use functional.normalize for per-element scales."
-      )
+  if name in ("mean", "variance"):
+    full = full.astype(compute_dtype)
   return jnp.broadcast_to(full, stats_shape).reshape(kernel_stats_shape)
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel(axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index_groups):
-  """Builds the `custom_vjp` kernel for one static configuration."""
+def _kernel(shape, axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index_groups):
+  """Builds the `custom_vjp` normalization for one static configuration.
 
-  @jax.custom_vjp
-  def kernel(x, scale, offset):
-    y, mean, variance, _ = _forward(x, scale, offset)
-    return y, mean, variance
+  The kernel takes `x` in its own shape (so the saved residual *is* the input) and works on the
+  collapsed `shape`.
+  """
 
-  def _forward(x, scale, offset):
-    xc = x.astype(functional.reduction_dtype(x.dtype))
-    count, mean, m2 = functional.partial_moments(xc, axes)
-    if axis_name is not None:
-      count, mean, m2 = functional.merge_partial_moments(
-        count, mean, m2, axis_name, axis_index_groups=axis_index_groups
-      )
-      variance = functional._div_no_nan(m2, count)
-    else:
-      variance = m2 / count
+  def forward(x, mean, variance, scale, offset):
     y = functional.normalize(
-      xc,
+      x.reshape(shape).astype(mean.dtype),
       mean,
       variance,
       scale=scale,
@@ -195,72 +305,136 @@ def _kernel(axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index
       epsilon=epsilon,
       subtract_mean_first=subtract_mean_first,
     )
-    return y.astype(out_dtype), mean, variance, count
+    return y.astype(out_dtype).reshape(x.shape)
 
-  def fwd(x, scale, offset):
-    x, scale, offset = (None if p is None else p.value for p in (x, scale, offset))
-    y, mean, variance, count = _forward(x, scale, offset)
-    rstd = lax.rsqrt(variance + jnp.asarray(epsilon, variance.dtype))
-    return (y, mean, variance), (x, scale, offset, mean, rstd, count)
+  kernel = jax.custom_vjp(forward)
 
-  def bwd(residuals, cotangents):
-    x, scale, offset, mean, rstd, count = residuals
-    dy, dmean, dvariance = cotangents
+  def fwd(x, mean, variance, scale, offset):
+    rstd = jnp.reciprocal(jnp.sqrt(variance + jnp.asarray(epsilon, variance.dtype)))
+    y = forward(x, mean, variance, scale, offset)
+    return y, (x, mean, rstd, scale, offset)
+
+  def bwd(residuals, dy):
+    x, mean, rstd, scale, offset = residuals
     cdtype = mean.dtype
-    xc = x.astype(cdtype)
-    if isinstance(dy, SymbolicZero):
-      dy = jnp.zeros(xc.shape, cdtype)
-    dy = dy.astype(cdtype)
+    xc = x.reshape(shape).astype(cdtype)
+    dy = dy.reshape(shape).astype(cdtype)
+    # Each pass gets its own copy of `mean` (see `_distinct`), so XLA fuses ``x - mean`` into
+    # it instead of writing it out.
     sum_dy = jnp.sum(dy, axes, keepdims=True)
     sum_dy_xmu = jnp.sum(dy * (xc - _distinct(mean, rstd)), axes, keepdims=True)
-    global_dy, global_dy_xmu = sum_dy, sum_dy_xmu
-    dmean = None if isinstance(dmean, SymbolicZero) else dmean.astype(cdtype)
-    dvariance = None if isinstance(dvariance, SymbolicZero) else dvariance.astype(cdtype)
+    count = jnp.full(mean.shape, _count(shape, axes), cdtype)
+    total_dy, total_dy_xmu, total_count = sum_dy, sum_dy_xmu, count
     if axis_name is not None:
-      global_dy, global_dy_xmu, dmean, dvariance = _psum_partials(
-        sum_dy, sum_dy_xmu, dmean, dvariance
-      )
+      total_dy, total_dy_xmu, total_count = _group_sum(jnp.stack([sum_dy, sum_dy_xmu, count]))
     gamma = jnp.ones_like(rstd) if scale is None else scale.astype(cdtype)
-    inv_n = _div_no_nan(jnp.ones_like(count), count)
-    # dx = a * dy + b * (x - mean) + c, all three per channel.
+    # dx = a * dy + b * (x - mean) + c, with per-channel a, b, c.
     a = gamma * rstd
-    b = -a * jnp.square(rstd) * global_dy_xmu * inv_n
-    c = -a * global_dy * inv_n
-    if dmean is not None:
-      c = c + dmean * inv_n
-    if dvariance is not None:
-      b = b + 2 * dvariance * inv_n
-    dx = (a * dy + b * (xc - _distinct(mean, a)) + c).astype(x.dtype)
-    dscale = None if scale is None else (sum_dy_xmu * rstd).astype(scale.dtype)
-    doffset = None if offset is None else sum_dy.astype(offset.dtype)
-    return dx, dscale, doffset
+    b = -a * jnp.square(rstd) * total_dy_xmu / total_count
+    c = -a * total_dy / total_count
+    dx = (a * dy + b * (xc - _distinct(mean, a)) + c).astype(x.dtype).reshape(x.shape)
+    dscale = None if scale is None else _sum_like(sum_dy_xmu * rstd, scale)
+    doffset = None if offset is None else _sum_like(sum_dy, offset)
+    # None: a symbolic zero, so nothing is computed for the moments' own backward pass.
+    return dx, None, None, dscale, doffset
 
-  def _psum_partials(sum_dy, sum_dy_xmu, dmean, dvariance):
-    """One ``psum`` of every per-channel partial the input cotangent needs."""
-    parts = [sum_dy, sum_dy_xmu]
-    parts += [p for p in (dmean, dvariance) if p is not None]
-    summed = lax.psum(jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups)
-    summed = list(summed)
-    global_dy, global_dy_xmu = summed[:2]
-    rest = iter(summed[2:])
-    dmean = None if dmean is None else next(rest)
-    dvariance = None if dvariance is None else next(rest)
-    return global_dy, global_dy_xmu, dmean, dvariance
+  def _group_sum(partials):
+    return _sum_over_group(partials, axis_name, axis_index_groups)
 
-  kernel.defvjp(fwd, bwd, symbolic_zeros=True)
+  kernel.defvjp(fwd, bwd)
   return kernel
 
 
-def _div_no_nan(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-  safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
-  return jnp.where(denominator == 0, jnp.zeros_like(numerator), numerator / safe)
+@functools.lru_cache(maxsize=256)
+def _moments_kernel(axes, axis_name, axis_index_groups):
+  """Builds the `custom_vjp` moments for one static configuration."""
+
+  def forward(x):
+    mean, variance, _ = _moments_with_count(x)
+    return mean, variance
+
+  def _moments_with_count(x):
+    # functional.partial_moments' arithmetic; the second pass gets its own copy of the mean
+    # (see `_distinct`) so that XLA fuses ``x - mean`` into the reduction.
+    xc = x.astype(functional.reduction_dtype(x.dtype))
+    mean = jnp.mean(xc, axes, keepdims=True)
+    count = jnp.full(mean.shape, _count(x.shape, axes), xc.dtype)
+    m2 = jnp.sum(jnp.square(xc - _distinct(mean, count)), axes, keepdims=True)
+    if axis_name is not None:
+      count, mean, m2 = functional.merge_partial_moments(
+        count, mean, m2, axis_name, axis_index_groups=axis_index_groups
+      )
+      return mean, functional._div_no_nan(m2, count), count
+    return mean, m2 / count, count
+
+  kernel = jax.custom_vjp(forward)
+
+  def fwd(x):
+    mean, variance, count = _moments_with_count(x)
+    return (mean, variance), (x, mean, count)
+
+  def bwd(residuals, cotangents):
+    x, mean, count = residuals
+    dmean, dvariance = cotangents
+    if axis_name is not None and _vma(dmean) | _vma(dvariance):
+      # Per-device copies of the moments (axis_index_groups, or no replication checking): each
+      # copy's cotangent reaches every member of the group. Invariant moments (the usual case)
+      # already carry the total cotangent and need no collective.
+      dmean, dvariance = _group_sum(jnp.stack([dmean, dvariance]))
+    inv_n = functional._div_no_nan(jnp.ones_like(count), count)
+    xmu = x.astype(mean.dtype) - mean
+    dx = (dmean + 2 * dvariance * xmu) * inv_n
+    return (dx.astype(x.dtype),)
+
+  def _group_sum(partials):
+    return _sum_over_group(partials, axis_name, axis_index_groups)
+
+  kernel.defvjp(fwd, bwd)
+  return kernel
+
+
+def _sum_over_group(partials, axis_name, axis_index_groups):
+  """One collective: the sum of `partials` over this device's group of `axis_name`."""
+  partials = jnp.asarray(partials)
+  if axis_index_groups is None:
+    return lax.psum(partials, axis_name)
+  # As in `functional.merge_partial_moments`: gather everything, keep the own group's part.
+  gathered = lax.all_gather(partials, axis_name, to="invarying")
+  in_group = functional._same_group_mask(axis_name, axis_index_groups).astype(partials.dtype)
+  return jnp.sum(gathered * in_group.reshape((-1,) + (1,) * partials.ndim), axis=0)
+
+
+def _count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+  count = 1
+  for axis in axes:
+    count *= shape[axis]
+  return count
+
+
+def _sum_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """Casts to `primal`'s dtype and, under `shard_map`, sums over the mesh axes along which
+  `cotangent` varies but `primal` does not (what autodiff's transpose of the implicit
+  broadcast does for a replicated parameter)."""
+  extra = tuple(sorted(set(_vma(cotangent)) - set(_vma(primal)), key=str))
+  if extra:
+    cotangent = lax.psum(cotangent, extra)
+  return cotangent.astype(primal.dtype)
+
+
+def _vma(value: jax.Array) -> frozenset:
+  """The mesh axes along which `value` varies inside `shard_map` (empty elsewhere)."""
+  aval = jax.typeof(value)
+  axis_type = getattr(aval, "manual_axis_type", None)
+  if axis_type is not None:
+    return frozenset(axis_type.varying)
+  return frozenset(getattr(aval, "vma", ()))
 
 
 def _distinct(value: jax.Array, tag: jax.Array) -> jax.Array:
   """`value`, hidden from XLA's common-subexpression elimination by a barrier tied to `tag`.
 
   XLA:CPU fuses ``x - mean`` into each reduction or elementwise pass that reads it, unless one
-  broadcast of `mean` is shared by several passes: then it writes the broadcast (or
+  broadcast of `mean` is shared by several passes: then it writes that broadcast (or
   ``x - mean``) out as an activation-sized temporary. Giving each pass its own ``mean`` keeps
   every pass a single read of ``x``.
   """

@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from kbn_jax import _validation, constraints, functional, initializers, regularizers
+from kbn_jax import (
+  _fast_train,
+  _validation,
+  constraints,
+  functional,
+  initializers,
+  regularizers,
+)
 
 _FUSED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -242,15 +249,36 @@ class BatchNormalization(nn.Module):
     if update:
       count = math.prod(x.shape) // math.prod(feature_shape)
       self._update_moving_statistics(variables, batch_mean, batch_variance, fused, count)
-    y = functional.normalize(
-      x,
-      mean,
-      variance,
-      scale=scale,
-      offset=offset,
-      epsilon=self.epsilon,
-      subtract_mean_first=fused,
+    fast = (
+      mask is None
+      and not ghost_spans_devices
+      and _fast_train.is_per_channel(scale, reduction_axes, ndim)
+      and _fast_train.is_per_channel(offset, reduction_axes, ndim)
     )
+    if fast:  # closed-form backward; r, d and the adjustment are folded into scale and offset
+      kernel_axis_name = self.axis_name if syncing and not split else None
+      y = _fast_train.normalize_batch(
+        x,
+        mean,
+        variance,
+        scale,
+        offset,
+        reduction_axes=reduction_axes,
+        epsilon=self.epsilon,
+        subtract_mean_first=fused,
+        axis_name=kernel_axis_name,
+        axis_index_groups=self.axis_index_groups if kernel_axis_name is not None else None,
+      )
+    else:
+      y = functional.normalize(
+        x,
+        mean,
+        variance,
+        scale=scale,
+        offset=offset,
+        epsilon=self.epsilon,
+        subtract_mean_first=fused,
+      )
     return functional.merge_ghost_batches(y) if split else y
 
   def _batch_moments(self, x, mask, reduction_axes, *, syncing, split, spans_devices):
@@ -267,7 +295,7 @@ class BatchNormalization(nn.Module):
         group_size=self._ghost_group_size(x.shape[0]),
       )
     if split:
-      mean, variance = functional.moments(x, reduction_axes, keepdims=True)
+      mean, variance = _fast_train.batch_moments(x, reduction_axes)
       batch_mean = jnp.mean(mean, axis=1, keepdims=True)
       batch_variance = jnp.mean(variance, axis=1, keepdims=True)
       if syncing:  # one collective; the normalization itself needs none
@@ -275,14 +303,20 @@ class BatchNormalization(nn.Module):
           jnp.stack([batch_mean, batch_variance]), self.axis_name
         )
       return mean, variance, batch_mean, batch_variance
-    mean, variance = functional.moments(
-      x,
-      reduction_axes,
-      mask=mask,
-      axis_name=self.axis_name if syncing else None,
-      axis_index_groups=self.axis_index_groups,
-      keepdims=True,
-    )
+    axis_name = self.axis_name if syncing else None
+    if mask is None:
+      mean, variance = _fast_train.batch_moments(
+        x, reduction_axes, axis_name=axis_name, axis_index_groups=self.axis_index_groups
+      )
+    else:
+      mean, variance = functional.moments(
+        x,
+        reduction_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=self.axis_index_groups,
+        keepdims=True,
+      )
     return mean, variance, mean, variance
 
   def _ghost_group_size(self, batch_size: int) -> int:

@@ -1,0 +1,434 @@
+"""Contenders for the benchmark: kbn_jax, Flax, Keras 3 (JAX backend), tf_keras V1, x * a + b.
+
+Each builder takes a `Config` and a workload name and returns a `_timing.Contender` (or None
+when that library has no such layer or option). The workloads are:
+
+* ``infer``: inference with moving statistics;
+* ``train_fwd``: a training forward pass, returning the output and the updated statistics;
+* ``train_step``: forward + backward (``jax.vjp`` with a fixed output cotangent; gradients with
+  respect to the input, gamma and beta) + the statistics update;
+* the floor ``x * a + b`` (one read, one write of the activations) for every workload.
+
+`FastBatchNormalization` is the proposed integration of `kbn_jax._fast_train` into
+`kbn_jax.BatchNormalization._train` (only the final normalization differs); the harness times it
+next to the current layer until layers.py uses the fast path itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _timing import Contender
+
+import kbn_jax
+from kbn_jax import _fast_train, _validation, functional
+from kbn_jax.layers import _broadcast
+
+WORKLOADS = ("infer", "train_fwd", "train_step")
+EPSILON = 1e-3
+MOMENTUM = 0.99
+RENORM_CLIPPING = {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One benchmark configuration.
+
+  Attributes:
+    name: row label.
+    shape: input shape.
+    axis: feature axis.
+    renorm: Batch Renormalization.
+    virtual_batch_size: ghost batch size.
+    plain: the name of the plain configuration this variant is compared with, if any.
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  axis: int = -1
+  renorm: bool = False
+  virtual_batch_size: int | None = None
+  plain: str | None = None
+
+  @property
+  def channels(self) -> int:
+    return self.shape[self.axis]
+
+  @property
+  def variant(self) -> bool:
+    return self.renorm or self.virtual_batch_size is not None
+
+
+CONFIGS = (
+  Config("nhwc_64x32x32x64", (64, 32, 32, 64)),
+  Config("nhwc_32x56x56x128", (32, 56, 56, 128)),
+  Config("nhwc_8x112x112x64", (8, 112, 112, 64)),
+  Config("dense_256x1024", (256, 1024)),
+  Config("dense_4096x512", (4096, 512)),
+  Config("nchw_64x64x32x32", (64, 64, 32, 32), axis=1),
+  Config("ghost16_64x32x32x64", (64, 32, 32, 64), virtual_batch_size=16, plain="nhwc_64x32x32x64"),
+  Config("renorm_64x32x32x64", (64, 32, 32, 64), renorm=True, plain="nhwc_64x32x32x64"),
+)
+
+
+def layers_use_fast_path() -> bool:
+  """Whether kbn_jax.BatchNormalization already calls the fast kernel (then the proposed
+  subclass is redundant)."""
+  import inspect  # noqa: PLC0415
+
+  return "_fast_train" in inspect.getsource(kbn_jax.layers)
+
+
+class FastBatchNormalization(kbn_jax.BatchNormalization):
+  """kbn_jax.BatchNormalization with the proposed `_train` (closed-form backward)."""
+
+  def _train(self, x, mask, variables, feature_axes, feature_shape, fused, renorm_clipping):
+    """Training-mode normalization and moving-statistic updates."""
+    batch_size = x.shape[0]
+    syncing = self.axis_name is not None and not self.is_initializing()
+    ghost = self.virtual_batch_size is not None
+    ghost_spans_devices = ghost and syncing and batch_size < self.virtual_batch_size
+    split = ghost and not ghost_spans_devices
+    if split:
+      _validation.check_ghost_batch_size(self.virtual_batch_size, batch_size)
+      x = functional.split_ghost_batches(x, self.virtual_batch_size)
+      feature_axes = tuple(a + 1 for a in feature_axes)
+    ndim = x.ndim
+    reduction_axes = tuple(
+      a for a in range(ndim) if a not in feature_axes and not (split and a == 1)
+    )
+    scale = _broadcast(variables.get("gamma"), feature_axes, ndim)
+    offset = _broadcast(variables.get("beta"), feature_axes, ndim)
+    if self.adjustment is not None:
+      adjust_scale, adjust_bias = self._adjustment(x.shape)
+      scale, offset = functional.compose_affine(adjust_scale, adjust_bias, scale, offset)
+
+    if ghost_spans_devices:
+      mean, variance, batch_mean, batch_variance = functional.device_group_moments(
+        x,
+        reduction_axes,
+        axis_name=self.axis_name,
+        group_size=self._ghost_group_size(batch_size),
+      )
+    elif split:
+      # Each ghost batch lives on one device: normalize locally, average the moments of every
+      # ghost batch of every device for the moving statistics (one collective).
+      mean, variance = _fast_train.batch_moments(x, reduction_axes)
+      batch_mean = jnp.mean(mean, axis=1, keepdims=True)
+      batch_variance = jnp.mean(variance, axis=1, keepdims=True)
+      if syncing:
+        batch_mean, batch_variance = jax.lax.pmean(
+          jnp.stack([batch_mean, batch_variance]), self.axis_name
+        )
+    elif mask is None:
+      mean, variance = _fast_train.batch_moments(
+        x,
+        reduction_axes,
+        axis_name=self.axis_name if syncing else None,
+        axis_index_groups=self.axis_index_groups,
+      )
+      batch_mean, batch_variance = mean, variance
+    else:
+      mean, variance = functional.moments(
+        x,
+        reduction_axes,
+        mask=mask,
+        axis_name=self.axis_name if syncing else None,
+        axis_index_groups=self.axis_index_groups,
+        keepdims=True,
+      )
+      batch_mean, batch_variance = mean, variance
+    batch_mean = batch_mean.reshape(feature_shape)
+    batch_variance = batch_variance.reshape(feature_shape)
+
+    update = self.trainable and not self.is_initializing() and batch_size > 0
+    if self.renorm:
+      r, d = self._renorm(batch_mean, batch_variance, variables, renorm_clipping, update)
+      scale, offset = functional.compose_affine(
+        _broadcast(r, feature_axes, ndim), _broadcast(d, feature_axes, ndim), scale, offset
+      )
+    if update:
+      count = math.prod(x.shape) // math.prod(feature_shape)
+      self._update_moving_statistics(variables, batch_mean, batch_variance, fused, count)
+    fast = (
+      mask is None
+      and not ghost_spans_devices
+      and _fast_train.is_per_channel(scale, reduction_axes, ndim)
+      and _fast_train.is_per_channel(offset, reduction_axes, ndim)
+    )
+    if fast:
+      # Closed-form backward (kbn_jax/_fast_train.py); mean and variance are the batch moments
+      # of x, renorm's r, d and the adjustment are already folded into scale and offset.
+      kernel_axis_name = self.axis_name if syncing and not split else None
+      y = _fast_train.normalize_batch(
+        x,
+        mean,
+        variance,
+        scale,
+        offset,
+        reduction_axes=reduction_axes,
+        epsilon=self.epsilon,
+        subtract_mean_first=fused,
+        axis_name=kernel_axis_name,
+        axis_index_groups=self.axis_index_groups if kernel_axis_name is not None else None,
+      )
+    else:
+      y = functional.normalize(
+        x,
+        mean,
+        variance,
+        scale=scale,
+        offset=offset,
+        epsilon=self.epsilon,
+        subtract_mean_first=fused,
+      )
+    return functional.merge_ghost_batches(y) if split else y
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+@functools.lru_cache(maxsize=4)
+def inputs(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Input and output cotangent (float32, normal with mean 0.5 and std 2), fixed seeds."""
+  x = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 2.0 + 0.5
+  ct = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+  return jax.block_until_ready((x, ct))
+
+
+def _numpy_inputs(shape):
+  x, ct = inputs(shape)
+  return np.asarray(x), np.asarray(ct)
+
+
+# --------------------------------------------------------------------------------------------
+# Flax linen modules: kbn_jax and flax.linen.BatchNorm
+
+
+def _linen_contender(name, module, config: Config, workload: str):
+  """Times a linen batch-norm module: `module(x, training)` with ``batch_stats``."""
+  x, ct = inputs(config.shape)
+  variables = module.init(jax.random.key(0), x)
+  params, stats = variables.get("params", {}), variables["batch_stats"]
+
+  def call(params, x, stats, training):
+    return module.apply(
+      {"params": params, "batch_stats": stats}, x, training, mutable=["batch_stats"]
+    )
+
+  compiled = jax.jit(_workload_fn(call, workload))
+  return Contender(name, lambda: compiled(params, stats, x, ct)), _compile_builder(
+    call, workload, (params, stats, x, ct)
+  )
+
+
+def _workload_fn(call, workload):
+  """Wraps ``call(params, x, stats, training) -> (y, updates)`` into the workload's step."""
+  if workload == "infer":
+    return lambda params, stats, x, ct: call(params, x, stats, False)[0]
+  if workload == "train_fwd":
+    return lambda params, stats, x, ct: call(params, x, stats, True)
+
+  def step(params, stats, x, ct):
+    y, vjp, updates = jax.vjp(lambda x, p: call(p, x, stats, True), x, params, has_aux=True)
+    return y, vjp(ct), updates
+
+  return step
+
+
+def _compile_builder(call, workload, args):
+  """Returns a builder of fresh compilations of the training step (for compile time)."""
+  if workload != "train_step":
+    return None
+
+  def build():
+    fresh = _workload_fn(lambda *a: call(*a), workload)
+    return lambda: jax.jit(fresh).lower(*args).compile()
+
+  return build
+
+
+def kbn_jax_contender(config: Config, workload: str, *, fast: bool = False, plain=False):
+  cls = FastBatchNormalization if fast else kbn_jax.BatchNormalization
+  kwargs = {"axis": config.axis, "momentum": MOMENTUM, "epsilon": EPSILON}
+  if not plain:
+    kwargs.update(renorm=config.renorm, virtual_batch_size=config.virtual_batch_size)
+    if config.renorm:
+      kwargs["renorm_clipping"] = RENORM_CLIPPING
+  name = ("kbn_jax+fast" if fast else "kbn_jax") + (" (plain BN)" if plain else "")
+  module = cls(**kwargs)
+
+  class _Adapter:  # kbn_jax's signature is (x, training); Flax's is (x, use_running_average).
+    init = module.init
+    apply = module.apply
+
+  return _linen_contender(name, _Adapter, config, workload)
+
+
+def flax_contender(config: Config, workload: str, *, fast_variance: bool):
+  import flax.linen as nn  # noqa: PLC0415
+
+  if config.variant:
+    return None, None
+  module = nn.BatchNorm(
+    axis=config.axis, momentum=MOMENTUM, epsilon=EPSILON, use_fast_variance=fast_variance
+  )
+
+  class _Adapter:
+    @staticmethod
+    def init(key, x):
+      return module.init(key, x, use_running_average=False)
+
+    @staticmethod
+    def apply(variables, x, training, mutable):
+      return module.apply(variables, x, use_running_average=not training, mutable=mutable)
+
+  name = "flax" if fast_variance else "flax (two-pass)"
+  return _linen_contender(name, _Adapter, config, workload)
+
+
+# --------------------------------------------------------------------------------------------
+# Keras 3 on the JAX backend, through stateless_call
+
+
+def keras3_available() -> bool:
+  return os.environ.get("KERAS_BACKEND") == "jax" and importlib.util.find_spec("keras") is not None
+
+
+def keras3_contender(config: Config, workload: str):
+  if config.variant or not keras3_available():
+    return None, None
+  import keras  # noqa: PLC0415
+
+  if not keras.__version__.startswith("3") or keras.backend.backend() != "jax":
+    return None, None
+  layer = keras.layers.BatchNormalization(axis=config.axis, momentum=MOMENTUM, epsilon=EPSILON)
+  layer.build(config.shape)
+  trainable = [v.value for v in layer.trainable_variables]
+  non_trainable = [v.value for v in layer.non_trainable_variables]
+  x, ct = inputs(config.shape)
+
+  def call(params, x, stats, training):
+    return layer.stateless_call(params, stats, x, training=training)
+
+  compiled = jax.jit(_workload_fn(call, workload))
+  return Contender("keras3 (jax)", lambda: compiled(trainable, non_trainable, x, ct)), (
+    _compile_builder(call, workload, (trainable, non_trainable, x, ct))
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# tf_keras's V1 layer (TensorFlow, fused where V1 fuses)
+
+
+def tf_keras_available() -> bool:
+  return importlib.util.find_spec("tf_keras") is not None
+
+
+def tf_keras_contender(config: Config, workload: str):
+  if not tf_keras_available():
+    return None, None
+  import tensorflow as tf  # noqa: PLC0415
+  from tf_keras.src.layers.normalization.batch_normalization_v1 import (  # noqa: PLC0415
+    BatchNormalization,
+  )
+
+  kwargs = {"axis": config.axis, "momentum": MOMENTUM, "epsilon": EPSILON}
+  if config.renorm:
+    kwargs.update(renorm=True, renorm_clipping=RENORM_CLIPPING)
+  if config.virtual_batch_size is not None:
+    kwargs["virtual_batch_size"] = config.virtual_batch_size
+  layer = BatchNormalization(**kwargs)
+  x_np, ct_np = _numpy_inputs(config.shape)
+  x, ct = tf.constant(x_np), tf.constant(ct_np)
+  layer.build(x.shape)
+
+  if workload == "infer":
+    fn = tf.function(lambda x, ct: layer(x, training=False))
+  elif workload == "train_fwd":
+    fn = tf.function(lambda x, ct: layer(x, training=True))
+  else:
+
+    def step(x, ct):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+      grads = tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=ct)
+      return y, grads
+
+    fn = tf.function(step)
+  name = "tf_keras V1" + (" (fused)" if layer.fused else "")
+  return Contender(name, lambda: fn(x, ct), block=_tf_block), None
+
+
+def _tf_block(out):
+  """TensorFlow runs eagerly and synchronously on CPU; touching one element confirms it."""
+  leaves = jax.tree_util.tree_leaves(out)
+  if leaves:
+    leaves[0].numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The floor: one read and one write of the activations
+
+
+def floor_contender(config: Config, workload: str):
+  x, _ = inputs(config.shape)
+  shape = [1] * len(config.shape)
+  shape[config.axis] = config.channels
+  a = jnp.full(shape, 1.5, jnp.float32)
+  b = jnp.full(shape, 0.25, jnp.float32)
+  compiled = jax.jit(lambda x, a, b: x * a + b)
+  return Contender("x*a+b (floor)", lambda: compiled(x, a, b)), None
+
+
+def contenders(config: Config, workload: str, *, with_proposed: bool, plain_refs: bool):
+  """All available contenders for one configuration and workload.
+
+  Returns:
+    ``(contenders, compile_builders)``: a list of `Contender` and a dict name -> builder.
+  """
+  builders = [
+    lambda: kbn_jax_contender(config, workload),
+    (lambda: kbn_jax_contender(config, workload, fast=True)) if with_proposed else None,
+    lambda: flax_contender(config, workload, fast_variance=True),
+    lambda: flax_contender(config, workload, fast_variance=False),
+    lambda: keras3_contender(config, workload),
+    lambda: tf_keras_contender(config, workload),
+    lambda: floor_contender(config, workload),
+  ]
+  if plain_refs and config.variant:
+    builders.append(lambda: kbn_jax_contender(config, workload, plain=True))
+    if with_proposed:
+      builders.append(lambda: kbn_jax_contender(config, workload, fast=True, plain=True))
+  result, compiles = [], {}
+  for build in builders:
+    if build is None:
+      continue
+    contender, compile_builder = build()
+    if contender is None:
+      continue
+    result.append(contender)
+    if compile_builder is not None:
+      compiles[contender.name] = compile_builder
+  return result, compiles
+
+
+__all__ = [
+  "CONFIGS",
+  "WORKLOADS",
+  "Config",
+  "FastBatchNormalization",
+  "contenders",
+  "keras3_available",
+  "layers_use_fast_path",
+  "tf_keras_available",
+]
