@@ -39,7 +39,9 @@ def _random_normal(mean: float, stddev: float) -> Initializer:
   return init
 
 
-def _random_uniform(minval: float, maxval: float) -> Initializer:
+def _random_uniform(minval: float, maxval: float | None) -> Initializer:
+  maxval = 1.0 if maxval is None else maxval  # TF1 configs write None for the default 1.0
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, jnp.float32, minval, maxval).astype(dtype)
 
@@ -67,6 +69,8 @@ def keras_fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
+  if distribution == "normal":  # Keras reads "normal" as the truncated normal
+    distribution = "truncated_normal"
   if mode not in ("fan_in", "fan_out", "fan_avg"):
     raise ValueError(f"VarianceScaling `mode`={mode!r} must be 'fan_in', 'fan_out' or 'fan_avg'.")
   if distribution not in ("truncated_normal", "untruncated_normal", "normal", "uniform"):

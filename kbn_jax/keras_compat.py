@@ -90,7 +90,7 @@ _OBJECT_KINDS = {
   "beta_constraint": "constraint",
   "gamma_constraint": "constraint",
 }
-# Base-layer keys of a Keras config: used for the rank (shapes) or dropped.
+# Base-layer keys of a Keras config that are dropped.
 _SHAPE_KEYS = ("batch_input_shape", "input_shape", "batch_size", "input_dim")
 _DROPPED_KEYS = ("autocast", "dynamic")
 _LAYER_CLASS_NAMES = ("BatchNormalization", "BatchNormalizationV1", "BatchNormalizationV2")
@@ -112,7 +112,6 @@ def from_keras_config(
   config: Mapping[str, Any],
   cls: type[BatchNormalization] | None = None,
   *,
-  input_shape: Sequence[int | None] | None = None,
   axis_saved_after_build: bool | None = None,
   keep_name: bool = False,
   **overrides: Any,
@@ -127,28 +126,26 @@ def from_keras_config(
   ``dtype`` key. Base-layer keys map as follows: ``trainable`` to `trainable`; ``dtype`` (a name
   such as ``"float32"``/``"mixed_float16"`` or a serialized ``Policy``) to `dtype` and
   `param_dtype` (16-bit and mixed policies compute in 16 bits with float32 weights, as Keras
-  does); ``name`` is dropped unless `keep_name`; ``batch_input_shape``/``input_shape`` only
-  inform the axis check below. Serialized objects are stored as frozen dicts, so the Module stays
+  does); ``name`` is dropped unless `keep_name`; ``batch_input_shape`` and the other input-shape
+  keys are dropped. Serialized objects are stored as frozen dicts, so the Module stays
   hashable and `to_keras_config` writes them back.
 
   **The ghost-batch axis quirk.** Keras shifts ``self.axis`` by +1 when it builds a layer with
-  ``virtual_batch_size`` (rank 2, ``axis=-1`` is saved as ``[2]``), and its own ``from_config``
-  then fails. Here a list ``axis`` of a ghost-batch config is shifted back by -1 when it was saved
-  after build:
+  ``virtual_batch_size`` (rank 2, ``axis=-1`` is saved as ``[2]``; axis 1 on rank 4 as ``[2]``),
+  and its own ``from_config`` then fails or picks the wrong axis. Keras keeps the axis as given
+  until build and writes a list of non-negative ints after build, so for a ghost-batch config:
 
-  * an int, a tuple, or a list with a negative entry or with 1 was saved before build (built
-    entries are non-negative and >= 2): kept;
-  * a serialized layer with ``build_config`` (Keras >= 2.13) was built: shifted;
-  * with a known input rank (`input_shape`, ``batch_input_shape``, ``build_config``), an entry
-    equal to the rank can only be a shifted one: shifted;
-  * otherwise (e.g. ``[2]`` without shapes) it is ambiguous; the config is taken as saved after
-    build, since built layers are what saved models hold. Pass `axis_saved_after_build` to
-    decide explicitly.
+  * an int, or a list with a negative entry or an entry 1 (never a shifted value: built entries
+    are >= 2), was saved before build and is kept;
+  * a list whose entries are all >= 2 is taken as saved after build and shifted back by -1.
+    Saved models (HDF5 ``model_config``, model JSON, ``build_config`` layers) hold built layers,
+    so this is right for them; only a hand-written unbuilt config such as ``axis=[2]`` is
+    misread. Pass `axis_saved_after_build` to decide explicitly. (`to_keras_config` writes a
+    one-axis ghost-batch axis as an int, so its output is never misread.)
 
   Args:
     config: a Keras layer config or serialized layer.
     cls: the Module class to build (default `kbn_jax.BatchNormalization`).
-    input_shape: optional input shape (with the batch dimension), to resolve the axis quirk.
     axis_saved_after_build: force (True) or forbid (False) the ghost-batch axis shift.
     keep_name: pass the Keras ``name`` on as the Module's `name` (a Flax scope name; leave it
       False for Modules assigned in ``setup``).
@@ -164,8 +161,7 @@ def from_keras_config(
   """
   if cls is None:
     from kbn_jax.layers import BatchNormalization as cls  # noqa: N813 (a default class)
-  config, built_rank = _unwrap_layer(config)
-  config = dict(config)
+  config = dict(_unwrap_layer(config))
   unknown = set(config) - set(_LAYER_ARGS) - {"name", "dtype", "synchronized"}
   unknown -= set(_SHAPE_KEYS) | set(_DROPPED_KEYS)
   if unknown:
@@ -190,12 +186,9 @@ def from_keras_config(
   if kwargs.get("renorm_clipping") is not None:
     kwargs["renorm_clipping"] = _freeze(kwargs["renorm_clipping"])
   if "axis" in kwargs:
-    rank = _rank(input_shape, config, built_rank)
     kwargs["axis"] = _axis_from_keras(
       kwargs["axis"],
       virtual_batch_size=kwargs.get("virtual_batch_size"),
-      rank=rank,
-      built=built_rank is not None,
       saved_after_build=axis_saved_after_build,
     )
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent"}
@@ -256,23 +249,21 @@ def to_keras_config(module: BatchNormalization) -> dict[str, Any]:
   return config
 
 
-def _unwrap_layer(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], int | None]:
-  """Returns the inner config of a serialized layer and the build rank from ``build_config``."""
+def _unwrap_layer(config: Mapping[str, Any]) -> Mapping[str, Any]:
+  """Returns the inner config of a serialized layer (``{"class_name", "config", ...}``)."""
   if not isinstance(config, Mapping):
     raise TypeError(
       f"`config` must be a Keras config dict (layer.get_config()), got {type(config).__name__}."
     )
   if "class_name" not in config:
-    return config, None
+    return config
   class_name = config["class_name"]
   if class_name not in _LAYER_CLASS_NAMES:
     raise ValueError(
       f"A serialized {class_name!r} layer is not a Keras BatchNormalization; expected a class "
       f"name among {list(_LAYER_CLASS_NAMES)}."
     )
-  build_config = config.get("build_config") or {}
-  shape = build_config.get("input_shape")
-  return config.get("config") or {}, (len(shape) if shape is not None else None)
+  return config.get("config") or {}
 
 
 def _check_synchronized(synchronized: Any, overrides: Mapping[str, Any]) -> None:
@@ -283,26 +274,11 @@ def _check_synchronized(synchronized: Any, overrides: Mapping[str, Any]) -> None
     )
 
 
-def _rank(input_shape, config, built_rank) -> int | None:
-  if input_shape is not None:
-    return len(input_shape)
-  if built_rank is not None:
-    return built_rank
-  if config.get("batch_input_shape") is not None:
-    return len(config["batch_input_shape"])
-  if config.get("input_shape") is not None:  # Keras's `input_shape` has no batch dimension.
-    return len(config["input_shape"]) + 1
-  return None
-
-
-def _axis_from_keras(axis, *, virtual_batch_size, rank, built, saved_after_build):
+def _axis_from_keras(axis, *, virtual_batch_size, saved_after_build):
   """Keras's axis, with the post-build ghost-batch shift undone (see `from_keras_config`)."""
-  if isinstance(axis, (list, tuple)):
-    was_tuple = isinstance(axis, tuple)
-    axis = tuple(axis)
-    _validation.canonicalize_axis(axis)
-  else:
+  if not isinstance(axis, (list, tuple)):
     return _validation.canonicalize_axis(axis)
+  axis = _validation.canonicalize_axis(tuple(axis))
   if virtual_batch_size is None:
     if saved_after_build:
       raise ValueError(
@@ -312,12 +288,7 @@ def _axis_from_keras(axis, *, virtual_batch_size, rank, built, saved_after_build
     return axis
   could_be_shifted = all(a >= 2 for a in axis)
   if saved_after_build is None:
-    if was_tuple or not could_be_shifted:
-      saved_after_build = False
-    elif built or (rank is not None and max(axis) == rank):
-      saved_after_build = True
-    else:
-      saved_after_build = True  # ambiguous: saved models hold built layers
+    saved_after_build = could_be_shifted
   if not saved_after_build:
     return axis
   if not could_be_shifted:
@@ -341,7 +312,7 @@ def _dtypes_from_keras(dtype: Any) -> tuple[Any, Any]:
   """Keras's layer dtype (a name or a serialized policy) -> ``(dtype, param_dtype)``."""
   name = dtype
   if isinstance(dtype, Mapping):
-    name = (dtype.get("config") or {}).get("name")
+    name = (dtype.get("config") or {}).get("name", "")
   if name is None or name in ("infer", "_infer"):
     return None, jnp.float32
   name = str(name)
@@ -618,7 +589,14 @@ def _decode(value: Any) -> str:
 
 
 def _weights_root(file):
-  return file["model_weights"] if "model_weights" in file else file
+  root = file["model_weights"] if "model_weights" in file else file
+  if "layer_names" not in root.attrs:
+    raise ValueError(
+      f"{file.filename} is not a Keras 2 HDF5 weights file (no `layer_names`): files named "
+      "`*.weights.h5` use the newer saving format, whose groups are named after layer classes, "
+      "not layer names. Save with model.save_weights('weights.h5') or model.save('model.h5')."
+    )
+  return root
 
 
 def _layer_weight_names(root) -> dict[str, list[str]]:

@@ -65,7 +65,7 @@ class BatchNormalization(nn.Module):
       ``losses`` collection is mutable, the penalties are sown there (``gamma_regularizer``,
       ``beta_regularizer``) in training calls.
     beta_constraint, gamma_constraint: Keras constraint names/configs or callables, applied by
-      `kbn_jax.constrain_params` after each optimizer step (as Keras applies them).
+      `kbn_jax.training.constrain_params` after each optimizer step (as Keras applies them).
     renorm: use Batch Renormalization (Ioffe, 2017).
     renorm_clipping: dict with optional keys ``rmax``, ``rmin``, ``dmax``; missing keys do not
       clip. Values may also be given per call, traced, through ``__call__``.
@@ -75,8 +75,8 @@ class BatchNormalization(nn.Module):
       compute), falling back silently otherwise; ``False`` never. A fused layer moves
       ``moving_variance`` toward the Bessel-corrected (unbiased) batch variance.
     trainable: V1 semantics: when False, ``training=True`` still normalizes with batch statistics
-      but the moving statistics are not updated; use `kbn_jax.trainable_mask` to keep the
-      optimizer off ``gamma``/``beta``.
+      but the moving statistics are not updated; use `kbn_jax.training.freeze_non_trainable`
+      to keep the optimizer off ``gamma``/``beta``.
     virtual_batch_size: ghost batch size (Hoffer et al., 2017) with Keras's strided layout.
     adjustment: ``adjustment(shape) -> (scale, bias)``, called in training with the input's shape
       as a tuple; if it takes a ``key`` keyword, it receives ``self.make_rng("adjustment")``.
@@ -141,11 +141,12 @@ class BatchNormalization(nn.Module):
     super().__post_init__()
 
   @classmethod
-  def from_keras_config(cls, config: Mapping[str, Any]) -> BatchNormalization:
-    """Builds the layer from a Keras ``get_config()`` dict (see `kbn_jax.keras_compat`)."""
+  def from_keras_config(cls, config: Mapping[str, Any], **kwargs: Any) -> BatchNormalization:
+    """Builds the layer from a Keras ``get_config()`` dict; keyword arguments go to
+    `kbn_jax.keras_compat.from_keras_config` (e.g. ``axis_name="batch"``, ``keep_name=True``)."""
     from kbn_jax import keras_compat  # noqa: PLC0415 (keras_compat imports this module)
 
-    return keras_compat.from_keras_config(config, cls)
+    return keras_compat.from_keras_config(config, cls, **kwargs)
 
   def to_keras_config(self) -> dict[str, Any]:
     """A config dict that ``tf_keras``'s V1 ``BatchNormalization.from_config`` accepts."""
@@ -190,7 +191,8 @@ class BatchNormalization(nn.Module):
     out_dtype = jnp.dtype(self.dtype or functional.promote_dtypes(x.dtype, self.param_dtype))
     fused = self._fused(axes, x.ndim, out_dtype)
     mask = self._checked_mask(mask, x, fused)
-    variables = self._variables(feature_shape, self._keras_param_shape(feature_axes, x.shape))
+    keras_shape = self._keras_param_shape(feature_axes, x.shape)
+    variables = self._variables(feature_shape, keras_shape)
     gamma, beta = variables.get("gamma"), variables.get("beta")
 
     compute_dtype = functional.reduction_dtype(x.dtype)
@@ -209,7 +211,7 @@ class BatchNormalization(nn.Module):
       return y.astype(out_dtype)
 
     self._check_can_update()
-    self._sow_penalties(gamma, beta)
+    self._sow_penalties(gamma, beta, keras_shape)
     y = self._train(x, mask, variables, feature_axes, feature_shape, fused, renorm_clipping)
     return y.astype(out_dtype)
 
@@ -435,13 +437,16 @@ class BatchNormalization(nn.Module):
         "with `trainable=False` to freeze them)."
       )
 
-  def _sow_penalties(self, gamma, beta):
+  def _sow_penalties(self, gamma, beta, keras_shape):
+    """Sows Keras's weight penalties, once per weight however often the layer is called (a
+    shared layer's penalty is not multiplied), on the weight in Keras's parameter shape."""
     if not self.is_mutable_collection("losses") or self.is_initializing():
       return
     for name, weight in (("gamma_regularizer", gamma), ("beta_regularizer", beta)):
       penalty = regularizers.get(getattr(self, name), argument=name)
       if penalty is not None and weight is not None:
-        self.sow("losses", name, penalty(weight))
+        value = jnp.asarray(penalty(jnp.reshape(weight, keras_shape)), jnp.float32)
+        self.sow("losses", name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
 
   def _adjustment(self, shape: tuple[int, ...]):
     """Calls the user's adjustment with the shape (and a key if it asks for one)."""

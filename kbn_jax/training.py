@@ -28,14 +28,14 @@ Example::
   >>> sites = training.find_batch_norms(model, x)
   >>> [site.path for site in sites]
   [('BatchNormalization_0',)]
-  >>> variables = model.init(jax.random.key(0), x)
-  >>> tx = training.keras_optimizer(optax.adamw(1e-2), sites)
+  >>> variables = jax.jit(model.init)(jax.random.key(0), x)
+  >>> tx = training.keras_optimizer(optax.sgd(1e-2, momentum=0.9), sites)
   >>> opt_state = tx.init(variables["params"])
   >>> def loss_fn(params):
   ...   y, updates = model.apply({**variables, "params": params}, x, train=True,
   ...                            mutable=["batch_stats", "losses"])
   ...   return jnp.mean(y**2) + training.regularization_loss(updates["losses"])
-  >>> grads = jax.grad(loss_fn)(variables["params"])
+  >>> grads = jax.jit(jax.grad(loss_fn))(variables["params"])
   >>> updates, opt_state = tx.update(grads, opt_state, variables["params"])
   >>> params = optax.apply_updates(variables["params"], updates)
 """

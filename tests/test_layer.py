@@ -277,8 +277,8 @@ def test_regularizer_penalties_are_sown_when_losses_is_mutable():
     "params": {"gamma": jnp.asarray([1.0, 2.0]), "beta": jnp.asarray([-3.0, 1.0])},
   }
   _, updates = layer.apply(variables, x, training=True, mutable=["batch_stats", "losses"])
-  (gamma_penalty,) = updates["losses"]["gamma_regularizer"]
-  (beta_penalty,) = updates["losses"]["beta_regularizer"]
+  gamma_penalty = updates["losses"]["gamma_regularizer"]
+  beta_penalty = updates["losses"]["beta_regularizer"]
   np.testing.assert_allclose(gamma_penalty, 0.5 * (1 + 4), rtol=1e-6)  # Keras: no 1/2
   np.testing.assert_allclose(beta_penalty, 0.01 * (3 + 1), rtol=1e-6)
 

@@ -6,8 +6,10 @@ import pathlib
 import kbn_jax
 
 EXPECTED_API = {
-    "BatchNormalization",
-    "functional",
+  "BatchNormalization",
+  "functional",
+  "keras_compat",
+  "training",
 }
 
 
