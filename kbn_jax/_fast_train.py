@@ -359,10 +359,13 @@ def _moments_kernel(axes, axis_name, axis_index_groups):
     xc = x.astype(functional.reduction_dtype(x.dtype))
     mean = jnp.mean(xc, axes, keepdims=True)
     count = jnp.full(mean.shape, _count(x.shape, axes), xc.dtype)
-    m2 = jnp.sum(jnp.square(xc - _distinct(mean, count)), axes, keepdims=True)
+    centered = xc - _distinct(mean, count)
+    m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
     if axis_name is not None:
+      # What the rounded mean lost (same pass as m2): keeps the merged variance two-pass exact.
+      residual = jnp.sum(centered, axes, keepdims=True)
       count, mean, m2 = functional.merge_partial_moments(
-        count, mean, m2, axis_name, axis_index_groups=axis_index_groups
+        count, mean, m2, axis_name, residual=residual, axis_index_groups=axis_index_groups
       )
       return mean, functional._div_no_nan(m2, count), count
     return mean, m2 / count, count
@@ -376,7 +379,9 @@ def _moments_kernel(axes, axis_name, axis_index_groups):
   def bwd(residuals, cotangents):
     x, mean, count = residuals
     dmean, dvariance = cotangents
-    if axis_name is not None and _vma(dmean) | _vma(dvariance):
+    if axis_name is not None and functional._varying_axes(dmean) | functional._varying_axes(
+      dvariance
+    ):
       # Per-device copies of the moments (axis_index_groups, or no replication checking): each
       # copy's cotangent reaches every member of the group. Invariant moments (the usual case)
       # already carry the total cotangent and need no collective.
@@ -415,19 +420,14 @@ def _sum_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   """Casts to `primal`'s dtype and, under `shard_map`, sums over the mesh axes along which
   `cotangent` varies but `primal` does not (what autodiff's transpose of the implicit
   broadcast does for a replicated parameter)."""
-  extra = tuple(sorted(set(_vma(cotangent)) - set(_vma(primal)), key=str))
+  extra = tuple(
+    sorted(
+      set(functional._varying_axes(cotangent)) - set(functional._varying_axes(primal)), key=str
+    )
+  )
   if extra:
     cotangent = lax.psum(cotangent, extra)
   return cotangent.astype(primal.dtype)
-
-
-def _vma(value: jax.Array) -> frozenset:
-  """The mesh axes along which `value` varies inside `shard_map` (empty elsewhere)."""
-  aval = jax.typeof(value)
-  axis_type = getattr(aval, "manual_axis_type", None)
-  if axis_type is not None:
-    return frozenset(axis_type.varying)
-  return frozenset(getattr(aval, "vma", ()))
 
 
 def _distinct(value: jax.Array, tag: jax.Array) -> jax.Array:

@@ -96,19 +96,34 @@ def partial_moments(
     ``(count, mean, m2)`` with the reduction axes kept as size 1: the (weighted) element count,
     the mean (0 where the count is 0) and the sum of squared deviations from that mean.
   """
+  count, mean, m2, _ = _partials(x, reduction_axes, mask, residual=False)
+  return count, mean, m2
+
+
+def _partials(x, reduction_axes, mask, *, residual: bool):
+  """`partial_moments`, and with `residual` also ``sum(weights * (x - mean))``.
+
+  The mean is rounded to float32, so ``sum(x - mean)`` is not exactly 0: it holds what the
+  rounding lost. Carried into the merge, it keeps the merged variance exact to first order in
+  that rounding, as a two-pass variance on one device is (see `merge_partial_moments`).
+  """
   x = jnp.asarray(x)
   x = x.astype(reduction_dtype(x.dtype))
   axes = tuple(reduction_axes)
   if mask is None:
     mean = jnp.mean(x, axes, keepdims=True)
-    m2 = jnp.sum(jnp.square(x - mean), axes, keepdims=True)
+    centered = x - mean
+    m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
     count = jnp.full(mean.shape, math.prod(x.shape[a] for a in axes), x.dtype)
-    return count, mean, m2
+    rest = jnp.sum(centered, axes, keepdims=True) if residual else None
+    return count, mean, m2, rest
   weights = _mask_weights(x, mask)
   count = jnp.sum(weights, axes, keepdims=True)
   mean = _div_no_nan(jnp.sum(weights * x, axes, keepdims=True), count)
-  m2 = jnp.sum(weights * jnp.square(x - mean), axes, keepdims=True)
-  return count, mean, m2
+  centered = x - mean
+  m2 = jnp.sum(weights * jnp.square(centered), axes, keepdims=True)
+  rest = jnp.sum(weights * centered, axes, keepdims=True) if residual else None
+  return count, mean, m2, rest
 
 
 def merge_partial_moments(
@@ -117,50 +132,89 @@ def merge_partial_moments(
   m2: jax.Array,
   axis_name: AxisName,
   *,
+  residual: jax.Array | None = None,
   axis_index_groups: AxisIndexGroups | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Merges per-device ``(count, mean, M2)`` into exact global moments, with one collective.
 
-  The three per-channel arrays are stacked and exchanged with a single ``all_gather`` (a few
-  floats per channel and device, never activations), then every device merges them the same way
+  The per-channel arrays are stacked and exchanged with a single ``all_gather`` (a few floats
+  per channel and device, never activations), then every device merges them the same way
   (Chan et al., 1979, in its K-way form), so all devices hold bit-identical results:
 
   .. math::
-    n = \\sum_i n_i, \\quad \\mu = \\frac{\\sum_i n_i \\mu_i}{n}, \\quad
-    M_2 = \\sum_i M_{2,i} + \\sum_i n_i (\\mu_i - \\mu)^2.
+    n = \\sum_i n_i, \\quad \\mu = \\frac{\\sum_i (n_i \\mu_i + r_i)}{n}, \\quad
+    M_2 = \\sum_i M_{2,i} + \\sum_i n_i (\\mu_i - \\mu)^2 + 2 \\sum_i (\\mu_i - \\mu) r_i,
 
-  Unlike the one-pass ``E[x^2] - E[x]^2`` this has no cancellation when ``|mean| >> std``.
+  where :math:`r_i = \\sum (x - \\mu_i)` over device :math:`i`'s data is 0 in exact arithmetic.
+  Unlike the one-pass ``E[x^2] - E[x]^2`` this has no cancellation when ``|mean| >> std``. With
+  the residuals :math:`r_i` it is also as accurate as a two-pass variance on one device: without
+  them the rounding of each :math:`\\mu_i` (``ulp(|mean|)``) enters the variance to first order,
+  a relative error of about ``ulp(|mean|) / std`` (3e-4 for mean 1e4, std 1 in float32).
+
+  Under `shard_map` the statistics are gathered as invariant (the same on every device, so they
+  can leave it with ``out_specs=P()``); without its varying-axis checks (`pmap`,
+  ``shard_map(check_vma=False)``, `vmap`) a plain all-gather is used, whose transpose sums the
+  cotangents of every device, so gradients are those of the global batch in both.
 
   Args:
     count, mean, m2: this device's partials, as returned by `partial_moments`.
     axis_name: the mapped axis name (or tuple of names) of `pmap` or `shard_map`.
+    residual: optional ``sum(weights * (x - mean))`` of this device's data (sent in the same
+      collective); `moments` always passes it.
     axis_index_groups: optional partition of the axis indices; each device then merges only the
       partials of its own group.
 
   Returns:
     ``(count, mean, m2)`` of the whole batch (or of this device's group).
   """
-  counts, means, m2s = _all_gather_partials(count, mean, m2, axis_name)
+  partials = (count, mean, m2) if residual is None else (count, mean, m2, residual)
+  gathered = _all_gather_partials(partials, axis_name)
+  counts, means, m2s = gathered[:3]
+  residuals = gathered[3] if residual is not None else None
   if axis_index_groups is not None:
     in_my_group = _same_group_mask(axis_name, axis_index_groups).astype(counts.dtype)
     in_my_group = in_my_group.reshape((-1,) + (1,) * (counts.ndim - 1))
     counts = counts * in_my_group
     m2s = m2s * in_my_group
-  return _merge(counts, means, m2s, axis=0)
+    residuals = None if residuals is None else residuals * in_my_group
+  return _merge(counts, means, m2s, axis=0, residuals=residuals)
 
 
-def _all_gather_partials(count, mean, m2, axis_name):
-  """One collective: every device receives every device's stacked ``(count, mean, m2)``."""
-  gathered = lax.all_gather(jnp.stack([count, mean, m2]), axis_name, to="invarying")
-  return gathered[:, 0], gathered[:, 1], gathered[:, 2]
+def _all_gather_partials(partials, axis_name):
+  """One collective: every device receives every device's stacked per-channel `partials`.
+
+  Inside `shard_map` with its varying-axis checks the gather is typed invariant: its transpose
+  is a slice, and the sum of the cotangents over devices happens where the invariant statistics
+  meet the varying activations (a psum that `shard_map` inserts). Without those checks nothing
+  inserts that psum, so the varying all-gather is used, whose transpose is a reduce-scatter.
+  """
+  stacked = jnp.stack(partials)
+  names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+  to = "invarying" if names & _varying_axes(stacked) else "varying"
+  gathered = lax.all_gather(stacked, axis_name, to=to)
+  return tuple(gathered[:, i] for i in range(len(partials)))
 
 
-def _merge(counts, means, m2s, axis):
-  """Chan et al.'s K-way merge of partial moments along `axis`."""
+def _varying_axes(value: jax.Array) -> frozenset:
+  """The mesh axes along which `value` varies inside a checked `shard_map` (empty elsewhere)."""
+  aval = jax.typeof(value)
+  axis_type = getattr(aval, "manual_axis_type", None)
+  if axis_type is not None:
+    return frozenset(axis_type.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def _merge(counts, means, m2s, axis, residuals=None):
+  """Chan et al.'s K-way merge of partial moments along `axis` (see `merge_partial_moments`)."""
   total = jnp.sum(counts, axis=axis)
-  mean = _div_no_nan(jnp.sum(counts * means, axis=axis), total)
-  deviation = jnp.square(means - jnp.expand_dims(mean, axis))
-  m2 = jnp.sum(m2s, axis=axis) + jnp.sum(counts * deviation, axis=axis)
+  weighted = jnp.sum(counts * means, axis=axis)
+  if residuals is not None:
+    weighted = weighted + jnp.sum(residuals, axis=axis)
+  mean = _div_no_nan(weighted, total)
+  offset = means - jnp.expand_dims(mean, axis)
+  m2 = jnp.sum(m2s, axis=axis) + jnp.sum(counts * jnp.square(offset), axis=axis)
+  if residuals is not None:
+    m2 = m2 + 2 * jnp.sum(offset * residuals, axis=axis)
   return total, mean, m2
 
 
@@ -187,11 +241,10 @@ def device_group_moments(
     moments of this device's group, and their average over all groups (the target of the
     moving averages, as Keras averages over ghost batches).
   """
-  count, mean, m2 = partial_moments(x, reduction_axes)
-  counts, means, m2s = _all_gather_partials(count, mean, m2, axis_name)
-  grouped = (counts.shape[0] // group_size, group_size)
-  counts, means, m2s = (a.reshape(grouped + a.shape[1:]) for a in (counts, means, m2s))
-  total, group_means, group_m2s = _merge(counts, means, m2s, axis=1)
+  gathered = _all_gather_partials(_partials(x, reduction_axes, None, residual=True), axis_name)
+  grouped = (gathered[0].shape[0] // group_size, group_size)
+  counts, means, m2s, residuals = (a.reshape(grouped + a.shape[1:]) for a in gathered)
+  total, group_means, group_m2s = _merge(counts, means, m2s, axis=1, residuals=residuals)
   group_variances = group_m2s / total
   mine = lax.axis_index(axis_name) // group_size
   return (
@@ -239,10 +292,10 @@ def moments(
     ``(mean, variance)`` in ``reduction_dtype(x.dtype)``.
   """
   axes = tuple(reduction_axes)
-  count, mean, m2 = partial_moments(x, axes, mask=mask)
+  count, mean, m2, residual = _partials(x, axes, mask, residual=axis_name is not None)
   if axis_name is not None:
     count, mean, m2 = merge_partial_moments(
-      count, mean, m2, axis_name, axis_index_groups=axis_index_groups
+      count, mean, m2, axis_name, residual=residual, axis_index_groups=axis_index_groups
     )
     variance = _div_no_nan(m2, count)
   elif mask is None:
