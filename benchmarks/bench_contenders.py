@@ -9,9 +9,8 @@ when that library has no such layer or option). The workloads are:
   respect to the input, gamma and beta) + the statistics update;
 * the floor ``x * a + b`` (one read, one write of the activations) for every workload.
 
-`FastBatchNormalization` is the proposed integration of `kbn_jax._fast_train` into
-`kbn_jax.BatchNormalization._train` (only the final normalization differs); the harness times it
-next to the current layer until layers.py uses the fast path itself.
+`activation_traffic` counts, in a compiled step's HLO, how many activation-sized arrays its
+kernels read and write: memory traffic in units of one activation, free of timing noise.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +27,14 @@ import numpy as np
 from _timing import Contender
 
 import kbn_jax
-from kbn_jax import _fast_train, _validation, functional
-from kbn_jax.layers import _broadcast
 
 WORKLOADS = ("infer", "train_fwd", "train_step")
 EPSILON = 1e-3
 MOMENTUM = 0.99
 RENORM_CLIPPING = {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}
+OURS = "kbn_jax"
+PLAIN = "kbn_jax (plain BN)"
+FLOOR = "x*a+b (floor)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,120 +76,6 @@ CONFIGS = (
   Config("ghost16_64x32x32x64", (64, 32, 32, 64), virtual_batch_size=16, plain="nhwc_64x32x32x64"),
   Config("renorm_64x32x32x64", (64, 32, 32, 64), renorm=True, plain="nhwc_64x32x32x64"),
 )
-
-
-def layers_use_fast_path() -> bool:
-  """Whether kbn_jax.BatchNormalization already calls the fast kernel (then the proposed
-  subclass is redundant)."""
-  import inspect  # noqa: PLC0415
-
-  return "_fast_train" in inspect.getsource(kbn_jax.layers)
-
-
-class FastBatchNormalization(kbn_jax.BatchNormalization):
-  """kbn_jax.BatchNormalization with the proposed `_train` (closed-form backward)."""
-
-  def _train(self, x, mask, variables, feature_axes, feature_shape, fused, renorm_clipping):
-    """Training-mode normalization and moving-statistic updates."""
-    batch_size = x.shape[0]
-    syncing = self.axis_name is not None and not self.is_initializing()
-    ghost = self.virtual_batch_size is not None
-    ghost_spans_devices = ghost and syncing and batch_size < self.virtual_batch_size
-    split = ghost and not ghost_spans_devices
-    if split:
-      _validation.check_ghost_batch_size(self.virtual_batch_size, batch_size)
-      x = functional.split_ghost_batches(x, self.virtual_batch_size)
-      feature_axes = tuple(a + 1 for a in feature_axes)
-    ndim = x.ndim
-    reduction_axes = tuple(
-      a for a in range(ndim) if a not in feature_axes and not (split and a == 1)
-    )
-    scale = _broadcast(variables.get("gamma"), feature_axes, ndim)
-    offset = _broadcast(variables.get("beta"), feature_axes, ndim)
-    if self.adjustment is not None:
-      adjust_scale, adjust_bias = self._adjustment(x.shape)
-      scale, offset = functional.compose_affine(adjust_scale, adjust_bias, scale, offset)
-
-    if ghost_spans_devices:
-      mean, variance, batch_mean, batch_variance = functional.device_group_moments(
-        x,
-        reduction_axes,
-        axis_name=self.axis_name,
-        group_size=self._ghost_group_size(batch_size),
-      )
-    elif split:
-      # Each ghost batch lives on one device: normalize locally, average the moments of every
-      # ghost batch of every device for the moving statistics (one collective).
-      mean, variance = _fast_train.batch_moments(x, reduction_axes)
-      batch_mean = jnp.mean(mean, axis=1, keepdims=True)
-      batch_variance = jnp.mean(variance, axis=1, keepdims=True)
-      if syncing:
-        batch_mean, batch_variance = jax.lax.pmean(
-          jnp.stack([batch_mean, batch_variance]), self.axis_name
-        )
-    elif mask is None:
-      mean, variance = _fast_train.batch_moments(
-        x,
-        reduction_axes,
-        axis_name=self.axis_name if syncing else None,
-        axis_index_groups=self.axis_index_groups,
-      )
-      batch_mean, batch_variance = mean, variance
-    else:
-      mean, variance = functional.moments(
-        x,
-        reduction_axes,
-        mask=mask,
-        axis_name=self.axis_name if syncing else None,
-        axis_index_groups=self.axis_index_groups,
-        keepdims=True,
-      )
-      batch_mean, batch_variance = mean, variance
-    batch_mean = batch_mean.reshape(feature_shape)
-    batch_variance = batch_variance.reshape(feature_shape)
-
-    update = self.trainable and not self.is_initializing() and batch_size > 0
-    if self.renorm:
-      r, d = self._renorm(batch_mean, batch_variance, variables, renorm_clipping, update)
-      scale, offset = functional.compose_affine(
-        _broadcast(r, feature_axes, ndim), _broadcast(d, feature_axes, ndim), scale, offset
-      )
-    if update:
-      count = math.prod(x.shape) // math.prod(feature_shape)
-      self._update_moving_statistics(variables, batch_mean, batch_variance, fused, count)
-    fast = (
-      mask is None
-      and not ghost_spans_devices
-      and _fast_train.is_per_channel(scale, reduction_axes, ndim)
-      and _fast_train.is_per_channel(offset, reduction_axes, ndim)
-    )
-    if fast:
-      # Closed-form backward (kbn_jax/_fast_train.py); mean and variance are the batch moments
-      # of x, renorm's r, d and the adjustment are already folded into scale and offset.
-      kernel_axis_name = self.axis_name if syncing and not split else None
-      y = _fast_train.normalize_batch(
-        x,
-        mean,
-        variance,
-        scale,
-        offset,
-        reduction_axes=reduction_axes,
-        epsilon=self.epsilon,
-        subtract_mean_first=fused,
-        axis_name=kernel_axis_name,
-        axis_index_groups=self.axis_index_groups if kernel_axis_name is not None else None,
-      )
-    else:
-      y = functional.normalize(
-        x,
-        mean,
-        variance,
-        scale=scale,
-        offset=offset,
-        epsilon=self.epsilon,
-        subtract_mean_first=fused,
-      )
-    return functional.merge_ghost_batches(y) if split else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,21 +142,20 @@ def _compile_builder(call, workload, args):
   return build
 
 
-def kbn_jax_contender(config: Config, workload: str, *, fast: bool = False, plain=False):
-  cls = FastBatchNormalization if fast else kbn_jax.BatchNormalization
+def kbn_jax_contender(config: Config, workload: str, *, plain: bool = False):
+  """kbn_jax.BatchNormalization as committed; `plain` drops renorm and ghost batches."""
   kwargs = {"axis": config.axis, "momentum": MOMENTUM, "epsilon": EPSILON}
   if not plain:
     kwargs.update(renorm=config.renorm, virtual_batch_size=config.virtual_batch_size)
     if config.renorm:
       kwargs["renorm_clipping"] = RENORM_CLIPPING
-  name = ("kbn_jax+fast" if fast else "kbn_jax") + (" (plain BN)" if plain else "")
-  module = cls(**kwargs)
+  module = kbn_jax.BatchNormalization(**kwargs)
 
   class _Adapter:  # kbn_jax's signature is (x, training); Flax's is (x, use_running_average).
     init = module.init
     apply = module.apply
 
-  return _linen_contender(name, _Adapter, config, workload)
+  return _linen_contender(PLAIN if plain else OURS, _Adapter, config, workload)
 
 
 def flax_contender(config: Config, workload: str, *, fast_variance: bool):
@@ -386,19 +271,32 @@ def floor_contender(config: Config, workload: str):
   shape[config.axis] = config.channels
   a = jnp.full(shape, 1.5, jnp.float32)
   b = jnp.full(shape, 0.25, jnp.float32)
-  compiled = jax.jit(lambda x, a, b: x * a + b)
-  return Contender("x*a+b (floor)", lambda: compiled(x, a, b)), None
+  compiled = jax.jit(_affine)
+
+  def build():  # A fresh function object each time, so no cache is hit.
+    return lambda: jax.jit(lambda *args: _affine(*args)).lower(x, a, b).compile()
+
+  return Contender(FLOOR, lambda: compiled(x, a, b)), build if workload == "train_step" else None
 
 
-def contenders(config: Config, workload: str, *, with_proposed: bool, plain_refs: bool):
+def _affine(x, a, b):
+  return x * a + b
+
+
+def contenders(config: Config, workload: str, *, plain_refs: bool = True):
   """All available contenders for one configuration and workload.
 
+  Args:
+    config: the configuration.
+    workload: one of `WORKLOADS`.
+    plain_refs: for renorm and ghost configurations, also time `PLAIN` (kbn_jax without them).
+
   Returns:
-    ``(contenders, compile_builders)``: a list of `Contender` and a dict name -> builder.
+    ``(contenders, compile_builders)``: a list of `Contender` and a dict name -> builder of
+    fresh compilations of the training step (``train_step`` only; the floor's included).
   """
   builders = [
     lambda: kbn_jax_contender(config, workload),
-    (lambda: kbn_jax_contender(config, workload, fast=True)) if with_proposed else None,
     lambda: flax_contender(config, workload, fast_variance=True),
     lambda: flax_contender(config, workload, fast_variance=False),
     lambda: keras3_contender(config, workload),
@@ -407,12 +305,8 @@ def contenders(config: Config, workload: str, *, with_proposed: bool, plain_refs
   ]
   if plain_refs and config.variant:
     builders.append(lambda: kbn_jax_contender(config, workload, plain=True))
-    if with_proposed:
-      builders.append(lambda: kbn_jax_contender(config, workload, fast=True, plain=True))
   result, compiles = [], {}
   for build in builders:
-    if build is None:
-      continue
     contender, compile_builder = build()
     if contender is None:
       continue
@@ -422,13 +316,56 @@ def contenders(config: Config, workload: str, *, with_proposed: bool, plain_refs
   return result, compiles
 
 
+# --------------------------------------------------------------------------------------------
+# Activation traffic: activation-sized arrays read and written by a compiled step's kernels
+
+_FREE_OPS = ("parameter", "constant", "bitcast", "tuple", "get-tuple-element")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"\w+\[([\d,]*)\]")
+
+
+def activation_traffic(hlo_text: str, size: int) -> tuple[int, int]:
+  """Counts the activation-sized reads and writes of the entry computation of `hlo_text`.
+
+  Every top-level instruction but parameters, constants, bitcasts and tuples is one kernel (a
+  fusion, a copy, a custom call): each distinct operand with at least `size` elements is one
+  read, each such array it produces one write.
+
+  Args:
+    hlo_text: optimized HLO, as from ``jax.jit(f).lower(...).compile().as_text()``.
+    size: number of elements of one activation.
+
+  Returns:
+    ``(reads, writes)``.
+  """
+  entry = hlo_text[hlo_text.index("\nENTRY") :]
+  elements, reads, writes = {}, 0, 0
+  for line in entry.splitlines()[1:]:
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, out_type, op, rest = match.groups()
+    counts = [
+      int(np.prod([int(d) for d in dims.split(",") if d])) for dims in _ARRAY.findall(out_type)
+    ]
+    elements[name] = max(counts, default=0)
+    if op in _FREE_OPS:
+      continue
+    operands = dict.fromkeys(re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0]))
+    reads += sum(elements.get(o, 0) >= size for o in operands)
+    writes += sum(c >= size for c in counts)
+  return reads, writes
+
+
 __all__ = [
   "CONFIGS",
+  "FLOOR",
+  "OURS",
+  "PLAIN",
   "WORKLOADS",
   "Config",
-  "FastBatchNormalization",
+  "activation_traffic",
   "contenders",
   "keras3_available",
-  "layers_use_fast_path",
   "tf_keras_available",
 ]
