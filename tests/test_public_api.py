@@ -7,6 +7,7 @@ import kbn_jax
 
 EXPECTED_API = {
   "BatchNormalization",
+  "folding",
   "functional",
   "keras_compat",
   "training",

@@ -1,0 +1,79 @@
+"""Smoke test: every example script runs to completion in its ``--quick`` mode.
+
+Each ``examples/*.py`` not starting with ``_`` is discovered by glob, so a new example is covered
+without editing this file; every example must accept ``--quick`` (a few steps) and exit with 0.
+The scripts run as subprocesses, all started at once (most of their time is single-threaded XLA
+compilation, so they overlap well), each in its own temporary working directory so that nothing
+is written to the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))
+# A hang guard, not a timing assertion: a --quick run takes seconds.
+TIMEOUT_S = 300
+
+
+class _Run:
+  """One example started in the background, its combined output going to a log file."""
+
+  def __init__(self, script: Path, workdir: Path):
+    self.script = script
+    self.log_path = workdir / "output.log"
+    self._log = self.log_path.open("w")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    self.process = subprocess.Popen(
+      [sys.executable, str(script), "--quick"],
+      cwd=workdir,
+      env=env,
+      stdin=subprocess.DEVNULL,
+      stdout=self._log,
+      stderr=subprocess.STDOUT,
+    )
+
+  def wait(self) -> int | None:
+    """The exit code, or None if it ran past the timeout (then it is killed)."""
+    try:
+      return self.process.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      self.stop()
+      return None
+    finally:
+      self._log.close()
+
+  def stop(self) -> None:
+    if self.process.poll() is None:
+      self.process.kill()
+    self.process.wait()
+    self._log.close()
+
+  def output_tail(self, chars: int = 6000) -> str:
+    return self.log_path.read_text(errors="replace")[-chars:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  started = {p.name: _Run(p, tmp_path_factory.mktemp(p.stem)) for p in EXAMPLES}
+  yield started
+  for run in started.values():
+    run.stop()
+
+
+def test_examples_are_discovered():
+  assert "train_digits.py" in {p.name for p in EXAMPLES}
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs_quick(script, runs):
+  run = runs[script.name]
+  code = run.wait()
+  assert code is not None, f"{script.name} --quick did not finish within {TIMEOUT_S} s"
+  assert code == 0, f"{script.name} --quick exited with {code}; output:\n{run.output_tail()}"
