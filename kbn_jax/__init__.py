@@ -1,5 +1,6 @@
 """kbn_jax: the Keras 2.x V1 BatchNormalization layer for JAX and Flax."""
 
+from kbn_jax import diagnostics as diagnostics
 from kbn_jax import folding as folding
 from kbn_jax import functional as functional
 from kbn_jax import keras_compat as keras_compat
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = (
   "BatchNormalization",
+  "diagnostics",
   "folding",
   "functional",
   "keras_compat",

@@ -247,6 +247,11 @@ def check_axis_index_groups(axis_index_groups: Any, virtual_batch_size: int | No
       "`axis_index_groups` cannot be combined with `virtual_batch_size`: ghost batches that "
       "span devices form their own groups. Drop `axis_index_groups`."
     )
+  if not _is_sequence(axis_index_groups) or not all(_is_sequence(g) for g in axis_index_groups):
+    raise TypeError(
+      f"`axis_index_groups`={axis_index_groups!r} must be a list of lists of device indices, "
+      "e.g. [[0, 1, 2, 3], [4, 5, 6, 7]]."
+    )
   groups = [list(group) for group in axis_index_groups]
   flat = [index for group in groups for index in group]
   if (
@@ -258,6 +263,23 @@ def check_axis_index_groups(axis_index_groups: Any, virtual_batch_size: int | No
     raise ValueError(
       f"`axis_index_groups`={axis_index_groups!r} must split the device indices "
       "0..N-1 into groups of equal size, each index once, e.g. [[0, 1, 2, 3], [4, 5, 6, 7]]."
+    )
+
+
+def _is_sequence(value: Any) -> bool:
+  return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def check_adjustment_shape(part: str, shape: tuple[int, ...], input_shape: tuple[int, ...]) -> None:
+  """Raises unless the adjustment's `part` ("scale" or "bias") broadcasts to the input."""
+  fits = len(shape) <= len(input_shape) and all(
+    s in (1, i) for s, i in zip(reversed(shape), reversed(input_shape), strict=False)
+  )
+  if not fits:
+    raise ValueError(
+      f"`adjustment` returned a {part} of shape {tuple(shape)}, which does not broadcast to "
+      f"the input shape {tuple(input_shape)}; return arrays that broadcast to it, e.g. with "
+      "the input's sizes on the feature axes and 1 on every other axis."
     )
 
 

@@ -218,7 +218,15 @@ class BatchNormalization(nn.Module):
   def _train(self, x, mask, variables, feature_axes, feature_shape, fused, renorm_clipping):
     """Training-mode normalization and moving-statistic updates."""
     batch_size = x.shape[0]
+    # Elements per channel; 0 for an empty batch or an empty reduced axis. Keras turns the
+    # moving statistics into NaN then (spec section 4.4); we skip the step: the statistics stay,
+    # and the (empty) output depends on no parameter, so its gradients are 0, not NaN.
+    count = math.prod(size for a, size in enumerate(x.shape) if a not in feature_axes)
+    if count == 0:
+      return jnp.zeros(x.shape, x.dtype)
     syncing = self.axis_name is not None and not self.is_initializing()
+    if syncing:
+      _check_axis_name_bound(self.axis_name)
     ghost = self.virtual_batch_size is not None
     ghost_spans_devices = ghost and syncing and batch_size < self.virtual_batch_size
     split = ghost and not ghost_spans_devices
@@ -242,14 +250,13 @@ class BatchNormalization(nn.Module):
     batch_mean = batch_mean.reshape(feature_shape)
     batch_variance = batch_variance.reshape(feature_shape)
 
-    update = self.trainable and not self.is_initializing() and batch_size > 0
+    update = self.trainable and not self.is_initializing()
     if self.renorm:
       r, d = self._renorm(batch_mean, batch_variance, variables, renorm_clipping, update)
       scale, offset = functional.compose_affine(
         _broadcast(r, feature_axes, ndim), _broadcast(d, feature_axes, ndim), scale, offset
       )
     if update:
-      count = math.prod(x.shape) // math.prod(feature_shape)
       self._update_moving_statistics(variables, batch_mean, batch_variance, fused, count)
     fast = (
       mask is None
@@ -456,8 +463,9 @@ class BatchNormalization(nn.Module):
     adjust_scale, adjust_bias = self.adjustment(tuple(shape), **kwargs)
     # NumPy broadcasting, made explicit so that strict rank promotion accepts a ``(C,)`` result.
     results = []
-    for value in (adjust_scale, adjust_bias):
+    for part, value in (("scale", adjust_scale), ("bias", adjust_bias)):
       value = jnp.asarray(value)
+      _validation.check_adjustment_shape(part, value.shape, tuple(shape))
       value = value.astype(functional.reduction_dtype(value.dtype))
       results.append(value.reshape((1,) * (len(shape) - value.ndim) + value.shape))
     return tuple(results)
@@ -521,6 +529,19 @@ _INITIALIZER_ARGS = (
 )
 _REGULARIZER_ARGS = ("beta_regularizer", "gamma_regularizer")
 _CONSTRAINT_ARGS = ("beta_constraint", "gamma_constraint")
+
+
+def _check_axis_name_bound(axis_name) -> None:
+  """Raises a clear error when no enclosing `shard_map`/`pmap`/`vmap` binds `axis_name`."""
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError as error:
+    raise ValueError(
+      f"`axis_name`={axis_name!r} is not bound: cross-device statistics need the training call "
+      f"to run inside `jax.shard_map` (or `jax.pmap`/`jax.vmap`) over an axis named "
+      f"{axis_name!r}. Call the step under that transformation, or construct the layer with "
+      "`axis_name=None` for single-device statistics."
+    ) from error
 
 
 def _broadcast(value, feature_axes: tuple[int, ...], ndim: int):

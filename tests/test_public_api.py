@@ -7,6 +7,7 @@ import kbn_jax
 
 EXPECTED_API = {
   "BatchNormalization",
+  "diagnostics",
   "folding",
   "functional",
   "keras_compat",
