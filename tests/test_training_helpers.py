@@ -7,8 +7,6 @@ a float64 NumPy transcription of Keras's formulas; penalty gradients from their 
 from __future__ import annotations
 
 import functools
-import re
-from pathlib import Path
 
 import flax.linen as nn
 import flax.serialization
@@ -459,17 +457,3 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path):
 
   resumed, _ = _train(step, tx, restored["variables"], steps=2, opt_state=restored["opt_state"])
   _assert_bitwise_equal(resumed, uninterrupted)
-
-
-# ---------------------------------------------------------------------------------------------
-# The README section
-# ---------------------------------------------------------------------------------------------
-@_standard_promotion
-def test_coming_from_keras_snippet_runs():
-  snippet = Path(__file__).resolve().parent.parent / "docs" / "snippets" / "coming_from_keras.md"
-  blocks = re.findall(r"```python\n(.*?)```", snippet.read_text(), flags=re.DOTALL)
-  assert len(blocks) == 3
-  namespace = {}
-  for block in blocks:
-    exec(compile(block, str(snippet), "exec"), namespace)  # noqa: S102 (our own docs)
-  assert namespace["logits"].shape == (32, 3)
