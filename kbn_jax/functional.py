@@ -448,10 +448,15 @@ def normalize(
   inv = jnp.reciprocal(jnp.sqrt(variance + jnp.asarray(epsilon, dtype)))
   if scale is not None:
     inv = inv * jnp.asarray(scale).astype(dtype)
+  offset = None if offset is None else jnp.asarray(offset).astype(dtype)
+  # The barrier computes the (small) statistics-shaped factors once, before the pass over `x`;
+  # without it XLA:CPU fuses the square root and division into that pass, once per element.
   if subtract_mean_first:
+    mean, inv, offset = lax.optimization_barrier((mean, inv, offset))
     y = (x - mean) * inv
-    return y if offset is None else y + jnp.asarray(offset).astype(dtype)
-  shift = -mean * inv if offset is None else jnp.asarray(offset).astype(dtype) - mean * inv
+    return y if offset is None else y + offset
+  shift = -mean * inv if offset is None else offset - mean * inv
+  inv, shift = lax.optimization_barrier((inv, shift))
   return x * inv + shift
 
 
