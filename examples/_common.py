@@ -173,6 +173,26 @@ def batch_norm_layer(
   )
 
 
+class SyncedCNN(nn.Module):
+  """``(conv 3x3 -> batch norm -> relu) x 2 -> dense`` for 8x8x1 images (second conv strided),
+  the model of the data-parallel examples.
+
+  Attributes:
+    axis_name: the mapped or mesh axis the batch statistics are synchronized over (``None``
+      under sharded jit, where the batch is one global array).
+  """
+
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
+    for features, stride in ((16, 1), (32, 2)):
+      x = nn.Conv(features, (3, 3), strides=stride, use_bias=False)(x)
+      x = kbn_jax.BatchNormalization(momentum=0.9, axis_name=self.axis_name)(x, training=training)
+      x = nn.relu(x)
+    return nn.Dense(NUM_CLASSES)(x.reshape((x.shape[0], -1)))
+
+
 class TrainState(NamedTuple):
   """Everything a train step carries: a pytree, so it can be scanned and vmapped."""
 

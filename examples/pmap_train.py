@@ -24,38 +24,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import epoch_batches, load_digits  # noqa: E402
-
-import kbn_jax  # noqa: E402
+from _common import SyncedCNN, epoch_batches, load_digits  # noqa: E402
 
 AXIS = "batch"
 NUM_DEVICES = 8
 
 
-class Net(nn.Module):
-  """``(conv 3x3 -> batch norm -> relu) x 2 -> dense`` for 8x8x1 images (second conv strided).
-
-  Attributes:
-    axis_name: the pmap axis the batch statistics are synchronized over.
-  """
-
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-    for features, stride in ((16, 1), (32, 2)):
-      x = nn.Conv(features, (3, 3), strides=stride, use_bias=False)(x)
-      x = kbn_jax.BatchNormalization(momentum=0.9, axis_name=self.axis_name)(x, training=training)
-      x = nn.relu(x)
-    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
-def make_step(model: Net, tx: optax.GradientTransformation):
+def make_step(model: SyncedCNN, tx: optax.GradientTransformation):
   """The per-device step; gradients and loss are averaged over the pmap axis."""
 
   def step(params, batch_stats, opt_state, x, y):
@@ -101,7 +80,7 @@ def main(argv: list[str] | None = None) -> float:
   assert jax.local_device_count() == NUM_DEVICES, jax.devices()
   global_batch = NUM_DEVICES * args.per_device_batch
   data = load_digits()
-  model, tx = Net(axis_name=AXIS), optax.adam(args.learning_rate)
+  model, tx = SyncedCNN(axis_name=AXIS), optax.adam(args.learning_rate)
   step = jax.pmap(make_step(model, tx), axis_name=AXIS)
 
   # `init` skips the collectives, so it runs outside pmap on one device's batch.

@@ -26,41 +26,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import epoch_batches, load_digits  # noqa: E402
+from _common import SyncedCNN, epoch_batches, load_digits  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import kbn_jax  # noqa: E402
 
 AXIS = "data"
 NUM_DEVICES = 8
 
 
-class Net(nn.Module):
-  """``(conv 3x3 -> batch norm -> relu) x 2 -> dense`` for 8x8x1 images (second conv strided).
-
-  Attributes:
-    axis_name: mesh axis the batch statistics are synchronized over (``None`` under sharded jit,
-      where the batch is one global array).
-  """
-
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, training: bool = False) -> jax.Array:
-    for features, stride in ((16, 1), (32, 2)):
-      x = nn.Conv(features, (3, 3), strides=stride, use_bias=False)(x)
-      x = kbn_jax.BatchNormalization(momentum=0.9, axis_name=self.axis_name)(x, training=training)
-      x = nn.relu(x)
-    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
-def make_step(model: Net, tx: optax.GradientTransformation, global_batch: int):
+def make_step(model: SyncedCNN, tx: optax.GradientTransformation, global_batch: int):
   """``step(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state, loss)``.
 
   The loss is the sum over the local batch divided by the *global* batch size: under
@@ -89,9 +67,9 @@ def make_step(model: Net, tx: optax.GradientTransformation, global_batch: int):
 def build(mode: str, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, batch: int):
   """The jitted train step for `mode` (``"shard_map"`` or ``"jit"``) and its model."""
   if mode == "jit":
-    model = Net(axis_name=None)
+    model = SyncedCNN(axis_name=None)
     return model, jax.jit(make_step(model, tx, batch))
-  model = Net(axis_name=AXIS)
+  model = SyncedCNN(axis_name=AXIS)
   # Parameters, statistics and optimizer state replicated; images and labels split.
   specs = (P(), P(), P(), P(AXIS), P(AXIS))
   step = jax.shard_map(
@@ -127,7 +105,7 @@ def main(argv: list[str] | None = None) -> float:
   tx = optax.adam(args.learning_rate)
   model, step = build(args.mode, tx, mesh, global_batch)
 
-  variables = jax.jit(Net().init)(jax.random.key(0), jnp.asarray(data.x_train[:global_batch]))
+  variables = jax.jit(SyncedCNN().init)(jax.random.key(0), jnp.asarray(data.x_train[:global_batch]))
   params, batch_stats = variables["params"], variables["batch_stats"]
   params, batch_stats, opt_state = jax.device_put(
     (params, batch_stats, tx.init(params)), replicated
