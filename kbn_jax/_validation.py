@@ -11,6 +11,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
@@ -212,9 +214,15 @@ def check_renorm_clipping_keys(renorm_clipping: Any) -> None:
 
 
 def check_training(training: Any) -> bool:
-  """Returns `training` as a Python bool; Keras's 0/1 are accepted, traced values are not."""
-  if isinstance(training, bool):
-    return training
+  """Returns `training` as a Python bool; traced values are rejected.
+
+  Keras's other spellings are accepted: 0/1, NumPy bools, and ``None``, which Keras resolves to
+  the learning phase, 0 (inference) in TF2.
+  """
+  if training is None:
+    return False
+  if isinstance(training, (bool, np.bool_)):
+    return bool(training)
   if isinstance(training, numbers.Integral) and training in (0, 1):
     return bool(training)
   raise TypeError(

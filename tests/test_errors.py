@@ -333,12 +333,6 @@ TRACE_ERRORS = [
     r"`training`=2 must be a Python bool",
   ),
   (
-    "training_none",
-    lambda: _apply_built(BN(), (4, 3), BN(), _ones(4, 3), training=None),
-    TypeError,
-    r"`training`=None must be a Python bool",
-  ),
-  (
     "mask_wrong_shape",
     lambda: _train(BN(), _init(BN(), (4, 5, 3)), _ones(4, 5, 3), mask=jnp.ones((4, 3))),
     ValueError,

@@ -294,3 +294,14 @@ def test_initializers_are_called_with_keras_parameter_shape():
     jax.random.key(0), jnp.ones((2, 3, 4, 5))
   )
   assert shapes == [(1, 3, 1, 5)]
+
+
+@pytest.mark.parametrize("training", [None, 0, np.False_])
+def test_keras_inference_spellings_of_training(training, rng):
+  """Keras resolves ``training=None`` to the learning phase, inference (0) in TF2."""
+  layer = kbn_jax.BatchNormalization()
+  x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  variables = layer.init(jax.random.key(0), x)
+  np.testing.assert_allclose(
+    layer.apply(variables, x, training=training), np.asarray(x) / np.sqrt(1 + 1e-3), rtol=1e-6
+  )
