@@ -12,8 +12,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax.core import FrozenDict
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def freeze(value: Any) -> Any:
+  """A hashable copy of a configuration value: dicts become `FrozenDict`, lists tuples.
+
+  Module attributes must be hashable, so that a module can be a static argument of `jax.jit`.
+  """
+  if isinstance(value, Mapping):
+    return FrozenDict({key: freeze(item) for key, item in value.items()})
+  if isinstance(value, list | tuple):
+    return tuple(freeze(item) for item in value)
+  return value
 
 
 def canonicalize_axis(axis: Any) -> int | tuple[int, ...]:

@@ -138,6 +138,8 @@ class BatchNormalization(nn.Module):
       regularizers.get(getattr(self, name), argument=name)
     for name in _CONSTRAINT_ARGS:
       constraints.get(getattr(self, name), argument=name)
+    for name in _HASHABLE_CONFIG_ARGS:  # after validation, so errors show the values as given
+      object.__setattr__(self, name, _validation.freeze(getattr(self, name)))
     super().__post_init__()
 
   @classmethod
@@ -528,6 +530,20 @@ _INITIALIZER_ARGS = (
   "moving_variance_initializer",
 )
 _REGULARIZER_ARGS = ("beta_regularizer", "gamma_regularizer")
+# Lists and dicts (Keras configs, axes, clipping bounds, groups) are frozen so modules hash.
+_HASHABLE_CONFIG_ARGS = (
+  "axis",
+  "renorm_clipping",
+  "axis_index_groups",
+  "beta_initializer",
+  "gamma_initializer",
+  "moving_mean_initializer",
+  "moving_variance_initializer",
+  "beta_regularizer",
+  "gamma_regularizer",
+  "beta_constraint",
+  "gamma_constraint",
+)
 _CONSTRAINT_ARGS = ("beta_constraint", "gamma_constraint")
 
 

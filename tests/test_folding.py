@@ -158,7 +158,7 @@ def test_rejects_a_layer_that_is_not_batch_normalization():
 
 def test_rejects_several_feature_axes():
   layer = kbn_jax.BatchNormalization(axis=[1, 2])
-  with pytest.raises(ValueError, match=r"`axis`=\[1, 2\] normalizes several axes.*axis=-1"):
+  with pytest.raises(ValueError, match=r"`axis`=\(1, 2\) normalizes several axes.*axis=-1"):
     folding.inference_affine(layer, {})
 
 

@@ -305,3 +305,19 @@ def test_keras_inference_spellings_of_training(training, rng):
   np.testing.assert_allclose(
     layer.apply(variables, x, training=training), np.asarray(x) / np.sqrt(1 + 1e-3), rtol=1e-6
   )
+
+
+def test_module_with_list_and_dict_arguments_is_hashable():
+  """Modules must hash to be static arguments of `jax.jit`; lists and dicts are frozen."""
+  kwargs = dict(
+    axis=[1, 2],
+    renorm=True,
+    renorm_clipping={"rmax": 2.0},
+    gamma_initializer={"class_name": "Constant", "config": {"value": 2.0}},
+  )
+  layer = kbn_jax.BatchNormalization(**kwargs)
+  assert hash(layer) == hash(kbn_jax.BatchNormalization(**kwargs))
+  x = jnp.ones((4, 3, 5))
+  variables = layer.init(jax.random.key(0), x)
+  y = jax.jit(lambda module, v, x: module.apply(v, x), static_argnums=0)(layer, variables, x)
+  np.testing.assert_allclose(y, 2.0 / np.sqrt(1 + 1e-3) * np.ones((4, 3, 5)), rtol=1e-6)
