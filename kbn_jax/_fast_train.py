@@ -17,8 +17,7 @@ whole global batch with ``axis_name``). The backward reads the input and the cot
 
 `normalize_batch` is the primitive: it takes the batch moments, so that callers can derive
 renorm's ``r, d`` or other corrections from them and fold everything into one per-channel
-scale and offset *before* the activations are touched. `batch_norm_train` wraps moments and
-normalization in one call.
+scale and offset *before* the activations are touched, as `kbn_jax.layers` does.
 
 Differentiation: reverse mode of any order works (``jax.grad`` of ``jax.grad``, and
 ``jax.hessian``, which is forward-over-reverse), because the backward is ordinary
@@ -41,68 +40,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from kbn_jax import functional
-
-
-def batch_norm_train(
-  x: jax.typing.ArrayLike,
-  scale: jax.typing.ArrayLike | None = None,
-  offset: jax.typing.ArrayLike | None = None,
-  *,
-  reduction_axes: Sequence[int],
-  epsilon: float,
-  subtract_mean_first: bool = False,
-  dtype: jax.typing.DTypeLike | None = None,
-  axis_name: functional.AxisName | None = None,
-  axis_index_groups: functional.AxisIndexGroups | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Normalizes `x` with its own batch statistics; differentiable in `x`, `scale`, `offset`.
-
-  Computes, with the same forward arithmetic::
-
-    xc = x.astype(functional.reduction_dtype(x.dtype))
-    mean, variance = functional.moments(xc, reduction_axes, axis_name=axis_name,
-                                        axis_index_groups=axis_index_groups, keepdims=True)
-    y = functional.normalize(xc, mean, variance, scale=scale, offset=offset, epsilon=epsilon,
-                             subtract_mean_first=subtract_mean_first).astype(dtype)
-
-  and gradients equal to autodiff of that code up to rounding. Only `x` (in its own dtype, so a
-  16-bit `x` stays 16-bit) and per-channel vectors are kept for the backward pass.
-
-  Args:
-    x: input array, any floating dtype.
-    scale: optional per-channel gamma, broadcastable to the statistics' shape (size 1 on every
-      reduction axis).
-    offset: optional per-channel beta, with the same shape rule.
-    reduction_axes: axes to reduce over (static).
-    epsilon: added to the variance.
-    subtract_mean_first: use the fused kernel's form ``(x - mean) * inv + offset`` instead of
-      ``x * inv + (offset - mean * inv)``.
-    dtype: dtype of `y`; defaults to the computation dtype ``reduction_dtype(x.dtype)``.
-    axis_name: optional mapped axis name(s) over which the moments are global (one
-      ``all_gather`` forward, one ``psum`` backward).
-    axis_index_groups: optional groups of `axis_name` indices reduced separately.
-
-  Returns:
-    ``(y, mean, variance)``; `mean` and the biased `variance` keep the reduced axes as size 1,
-    are in the computation dtype and are differentiable (their own gradients flow to `x`).
-  """
-  x = jnp.asarray(x)
-  axes = _canonical_axes(reduction_axes, x.ndim)
-  mean, variance = batch_moments(x, axes, axis_name=axis_name, axis_index_groups=axis_index_groups)
-  y = normalize_batch(
-    x,
-    mean,
-    variance,
-    scale,
-    offset,
-    reduction_axes=axes,
-    epsilon=epsilon,
-    subtract_mean_first=subtract_mean_first,
-    dtype=dtype,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-  )
-  return y, mean, variance
 
 
 def batch_moments(

@@ -62,8 +62,40 @@ def _functional(x, scale, shift, axes, fused):
   return y, mean, variance
 
 
+def _batch_norm_train(
+  x,
+  scale=None,
+  offset=None,
+  *,
+  reduction_axes,
+  epsilon,
+  subtract_mean_first=False,
+  dtype=None,
+  axis_name=None,
+  axis_index_groups=None,
+):
+  """The layer's composition: fast moments, then the fast normalization; ``(y, mean, var)``."""
+  mean, variance = _fast_train.batch_moments(
+    x, reduction_axes, axis_name=axis_name, axis_index_groups=axis_index_groups
+  )
+  y = _fast_train.normalize_batch(
+    x,
+    mean,
+    variance,
+    scale,
+    offset,
+    reduction_axes=reduction_axes,
+    epsilon=epsilon,
+    subtract_mean_first=subtract_mean_first,
+    dtype=dtype,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  )
+  return y, mean, variance
+
+
 def _fast(x, scale, shift, axes, fused):
-  return _fast_train.batch_norm_train(
+  return _batch_norm_train(
     x, scale, shift, reduction_axes=axes, epsilon=EPS, subtract_mean_first=fused
   )
 
@@ -160,7 +192,7 @@ def test_16_bit_input_reduces_in_float32_and_keeps_its_dtype(rng, dtype):
   shape, axes = (8, 4, 4, 3), (0, 1, 2)
   x, scale, shift, weights = _data(rng, shape, axes)
   x16 = jnp.asarray(x, dtype)
-  y, mean, variance = _fast_train.batch_norm_train(
+  y, mean, variance = _batch_norm_train(
     x16, scale, shift, reduction_axes=axes, epsilon=EPS, dtype=dtype
   )
   assert y.dtype == dtype and mean.dtype == variance.dtype == jnp.float32
@@ -225,11 +257,11 @@ def test_residual_check_catches_autodiff_intermediates(rng):
 def test_rejects_per_element_scale_and_bad_axes(rng):
   x, _, shift, _ = _data(rng, (4, 3), (0,))
   with pytest.raises(ValueError, match=r"`scale` of shape \(4, 3\) .* 1 on every reduction axis"):
-    _fast_train.batch_norm_train(x, jnp.ones((4, 3)), shift, reduction_axes=(0,), epsilon=EPS)
+    _batch_norm_train(x, jnp.ones((4, 3)), shift, reduction_axes=(0,), epsilon=EPS)
   with pytest.raises(ValueError, match=r"`reduction_axes` entry 2 is out of range"):
-    _fast_train.batch_norm_train(x, reduction_axes=(2,), epsilon=EPS)
+    _batch_norm_train(x, reduction_axes=(2,), epsilon=EPS)
   with pytest.raises(ValueError, match=r"repeats an axis"):
-    _fast_train.batch_norm_train(x, reduction_axes=(0, -2), epsilon=EPS)
+    _batch_norm_train(x, reduction_axes=(0, -2), epsilon=EPS)
   assert _fast_train.is_per_channel(jnp.ones(3), (0,), 2)
   assert not _fast_train.is_per_channel(jnp.ones((4, 3)), (0,), 2)
 
@@ -243,7 +275,7 @@ def test_shard_map_gradients_equal_one_device(rng, groups):
   mesh = jax.make_mesh((4,), ("d",))
 
   def local_loss(x, scale, shift, weights):
-    y, mean, _ = _fast_train.batch_norm_train(
+    y, mean, _ = _batch_norm_train(
       x, scale, shift, reduction_axes=axes, epsilon=EPS, axis_name="d", axis_index_groups=groups
     )
     if groups is None:  # The mean is replicated: count it once.
