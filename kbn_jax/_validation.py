@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
@@ -27,6 +28,40 @@ def freeze(value: Any) -> Any:
   if isinstance(value, list | tuple):
     return tuple(freeze(item) for item in value)
   return value
+
+
+_KERAS_MIXED_POLICIES = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+
+
+def canonicalize_dtype(dtype: Any, *, argument: str, allow_policy: bool = False) -> Any:
+  """Checks a floating dtype; with `allow_policy`, Keras's mixed policy names are accepted.
+
+  Args:
+    dtype: ``None``, a floating dtype or its name; or ``"mixed_float16"``/``"mixed_bfloat16"``
+      (Keras policies: 16-bit compute and output, float32 variables) when `allow_policy`.
+    argument: the argument name, for the error message.
+    allow_policy: whether Keras policy names are accepted.
+
+  Returns:
+    ``None`` or a dtype.
+
+  Raises:
+    TypeError: for anything that is not a floating dtype.
+  """
+  if dtype is None:
+    return None
+  if allow_policy and isinstance(dtype, str) and dtype in _KERAS_MIXED_POLICIES:
+    dtype = _KERAS_MIXED_POLICIES[dtype]
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    resolved = None
+  if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+    allowed = "float16, bfloat16, float32 or float64"
+    if allow_policy:
+      allowed += ', or a Keras policy "mixed_float16"/"mixed_bfloat16"'
+    raise TypeError(f"`{argument}`={dtype!r} is not a floating dtype; pass {allowed}.")
+  return resolved
 
 
 def canonicalize_axis(axis: Any) -> int | tuple[int, ...]:

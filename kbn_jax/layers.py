@@ -84,7 +84,8 @@ class BatchNormalization(nn.Module):
       computed, making them the statistics of the whole global batch.
     axis_index_groups: optional partition of the ``axis_name`` indices into groups that each
       compute their own statistics.
-    dtype: output dtype; ``None`` promotes the input and parameter dtypes.
+    dtype: compute and output dtype (inputs are cast to it); ``None`` promotes the input and
+      parameter dtypes. Keras's ``"mixed_float16"``/``"mixed_bfloat16"`` mean float16/bfloat16.
     param_dtype: dtype of ``gamma`` and ``beta``; moving statistics are kept in at least float32.
   """
 
@@ -140,6 +141,10 @@ class BatchNormalization(nn.Module):
       constraints.get(getattr(self, name), argument=name)
     for name in _HASHABLE_CONFIG_ARGS:  # after validation, so errors show the values as given
       object.__setattr__(self, name, _validation.freeze(getattr(self, name)))
+    dtype = _validation.canonicalize_dtype(self.dtype, argument="dtype", allow_policy=True)
+    param_dtype = _validation.canonicalize_dtype(self.param_dtype, argument="param_dtype")
+    object.__setattr__(self, "dtype", dtype)
+    object.__setattr__(self, "param_dtype", param_dtype)
     super().__post_init__()
 
   @classmethod

@@ -321,3 +321,23 @@ def test_module_with_list_and_dict_arguments_is_hashable():
   variables = layer.init(jax.random.key(0), x)
   y = jax.jit(lambda module, v, x: module.apply(v, x), static_argnums=0)(layer, variables, x)
   np.testing.assert_allclose(y, 2.0 / np.sqrt(1 + 1e-3) * np.ones((4, 3, 5)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "policy, dtype", [("mixed_float16", jnp.float16), ("bfloat16", jnp.bfloat16)]
+)
+def test_keras_dtype_policies(policy, dtype):
+  layer = kbn_jax.BatchNormalization(dtype=policy)
+  x = jnp.arange(8.0).reshape(4, 2)
+  variables = layer.init(jax.random.key(0), x)
+  assert variables["params"]["gamma"].dtype == jnp.float32  # variables stay float32
+  y, _ = _train(layer, variables, x)
+  assert y.dtype == dtype
+
+
+@pytest.mark.parametrize(
+  "argument, value", [("dtype", "foo"), ("dtype", jnp.int32), ("param_dtype", "mixed_float16")]
+)
+def test_bad_dtypes_are_rejected(argument, value):
+  with pytest.raises(TypeError, match=rf"`{argument}`=.* is not a floating dtype"):
+    kbn_jax.BatchNormalization(**{argument: value})
