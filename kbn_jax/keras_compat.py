@@ -434,14 +434,10 @@ def _layout(module: BatchNormalization, input_shape: Sequence[int | None]) -> _L
       f"{module.axis!r}; give the feature sizes as ints."
     )
   feature_shape = tuple(int(d) for d in feature_shape)
-  if len(feature_axes) == 1 and module.virtual_batch_size is None:
-    keras_shape = feature_shape
-  else:
-    keras_shape = tuple(
-      feature_shape[feature_axes.index(a)] if a in feature_axes else 1 for a in range(rank)
-    )
-    if module.virtual_batch_size is not None:
-      keras_shape = keras_shape[:1] + (1,) + keras_shape[1:]
+  from kbn_jax import layers  # noqa: PLC0415 (layers and keras_compat import each other)
+
+  ghost = module.virtual_batch_size is not None
+  keras_shape = layers._keras_param_shape(feature_axes, input_shape, ghost=ghost)
   return _Layout(
     names=_weight_names(module),
     feature_shape=feature_shape,

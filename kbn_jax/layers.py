@@ -198,7 +198,9 @@ class BatchNormalization(nn.Module):
     out_dtype = jnp.dtype(self.dtype or functional.promote_dtypes(x.dtype, self.param_dtype))
     fused = self._fused(axes, x.ndim, out_dtype)
     mask = self._checked_mask(mask, x, fused)
-    keras_shape = self._keras_param_shape(feature_axes, x.shape)
+    keras_shape = _keras_param_shape(
+      feature_axes, x.shape, ghost=self.virtual_batch_size is not None
+    )
     variables = self._variables(feature_shape, keras_shape)
     gamma, beta = variables.get("gamma"), variables.get("beta")
 
@@ -477,16 +479,6 @@ class BatchNormalization(nn.Module):
       results.append(value.reshape((1,) * (len(shape) - value.ndim) + value.shape))
     return tuple(results)
 
-  def _keras_param_shape(self, feature_axes, shape) -> tuple[int, ...]:
-    """Keras's weight shape (spec section 2, step 6): ``(C,)``, or full rank with ghost batches
-    or several axes (a leading 1 inserted at index 1 for ghost batches)."""
-    if len(feature_axes) == 1 and self.virtual_batch_size is None:
-      return (shape[feature_axes[0]],)
-    full = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
-    if self.virtual_batch_size is not None:
-      full = full[:1] + (1,) + full[1:]
-    return full
-
   def _variables(self, feature_shape, keras_shape) -> dict[str, Any]:
     """Creates (or fetches and shape-checks) every variable of the layer."""
     stats_dtype = functional.promote_dtypes(self.param_dtype, jnp.float32)
@@ -535,21 +527,34 @@ _INITIALIZER_ARGS = (
   "moving_variance_initializer",
 )
 _REGULARIZER_ARGS = ("beta_regularizer", "gamma_regularizer")
+_CONSTRAINT_ARGS = ("beta_constraint", "gamma_constraint")
 # Lists and dicts (Keras configs, axes, clipping bounds, groups) are frozen so modules hash.
 _HASHABLE_CONFIG_ARGS = (
-  "axis",
-  "renorm_clipping",
-  "axis_index_groups",
-  "beta_initializer",
-  "gamma_initializer",
-  "moving_mean_initializer",
-  "moving_variance_initializer",
-  "beta_regularizer",
-  "gamma_regularizer",
-  "beta_constraint",
-  "gamma_constraint",
+  ("axis", "renorm_clipping", "axis_index_groups")
+  + _INITIALIZER_ARGS
+  + _REGULARIZER_ARGS
+  + _CONSTRAINT_ARGS
 )
-_CONSTRAINT_ARGS = ("beta_constraint", "gamma_constraint")
+
+
+def _keras_param_shape(
+  feature_axes: tuple[int, ...], shape: tuple[int | None, ...], *, ghost: bool
+) -> tuple[int, ...]:
+  """Keras's weight shape (spec section 2, step 6).
+
+  Args:
+    feature_axes: the normalized feature axes, in increasing order.
+    shape: the input shape (only the feature sizes are read).
+    ghost: whether ghost batches are used.
+
+  Returns:
+    ``(C,)`` for one feature axis without ghost batches; otherwise the input rank with 1 on the
+    other axes, and one more 1 inserted at index 1 with ghost batches.
+  """
+  if len(feature_axes) == 1 and not ghost:
+    return (shape[feature_axes[0]],)
+  full = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
+  return full[:1] + (1,) + full[1:] if ghost else full
 
 
 def _check_axis_name_bound(axis_name) -> None:
