@@ -1,11 +1,12 @@
-"""kbn_jax: the Keras 2.x V1 BatchNormalization layer for JAX and Flax."""
+"""kbn_jax: the Keras 2.x V1 BatchNormalization layer for JAX and Flax.
 
-from kbn_jax import diagnostics as diagnostics
-from kbn_jax import folding as folding
+`kbn_jax.functional` (the whole layer as a pure function) loads neither Flax nor optax; the
+Flax front-ends and helpers load on first use.
+"""
+
+import importlib
+
 from kbn_jax import functional as functional
-from kbn_jax import keras_compat as keras_compat
-from kbn_jax import training as training
-from kbn_jax.layers import BatchNormalization as BatchNormalization
 
 __version__ = "0.1.0"
 
@@ -17,3 +18,17 @@ __all__ = (
   "keras_compat",
   "training",
 )
+
+_LAZY_MODULES = ("diagnostics", "folding", "keras_compat", "training")
+
+
+def __getattr__(name: str):
+  if name in _LAZY_MODULES:
+    return importlib.import_module(f"kbn_jax.{name}")
+  if name == "BatchNormalization":
+    return importlib.import_module("kbn_jax.layers").BatchNormalization
+  raise AttributeError(f"module 'kbn_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

@@ -1,10 +1,12 @@
-"""Training-mode batch normalization with a closed-form backward pass.
+"""Training-mode batch normalization with closed-form derivatives.
 
 Autodiff through two-pass moments and the affine map keeps several activation-sized
 intermediates alive and streams them back. This module computes the same forward arithmetic as
 ``functional.moments`` followed by ``functional.normalize`` (Keras's two forms), but
-differentiates with a `jax.custom_vjp` whose backward needs only the input and per-channel
-vectors:
+differentiates with a `jax.custom_jvp` whose tangent rule is linear and closed-form. Forward
+mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) uses the rule directly; reverse mode
+transposes it. The rule's activation-sized intermediates are rematerialized
+(``jax.checkpoint``), so the backward pass needs only the input and per-channel vectors:
 
 .. math::
   \\hat x = (x - \\mu) \\rho, \\quad \\rho = (\\sigma^2 + \\epsilon)^{-1/2}, \\quad
@@ -19,11 +21,8 @@ whole global batch with ``axis_name``). The backward reads the input and the cot
 renorm's ``r, d`` or other corrections from them and fold everything into one per-channel
 scale and offset *before* the activations are touched, as `kbn_jax.layers` does.
 
-Differentiation: reverse mode of any order works (``jax.grad`` of ``jax.grad``, and
-``jax.hessian``, which is forward-over-reverse), because the backward is ordinary
-differentiable JAX code. Forward mode applied directly (``jax.jvp``, ``jax.jacfwd``) is not
-available for a `jax.custom_vjp` and raises ``TypeError``; use ``functional.moments`` and
-``functional.normalize`` there.
+Differentiation: forward and reverse mode of any order work (``jax.jvp``, ``jax.grad`` of
+``jax.grad``, ``jax.hessian``), because the tangent rule is ordinary differentiable JAX code.
 
 References:
   Ioffe & Szegedy, 2015. Batch Normalization: Accelerating Deep Network Training by Reducing
@@ -39,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kbn_jax import functional
+from kbn_jax import _math as functional
 
 
 def batch_moments(
@@ -49,10 +48,10 @@ def batch_moments(
   axis_name: functional.AxisName | None = None,
   axis_index_groups: functional.AxisIndexGroups | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """``functional.moments(x, ..., keepdims=True)`` with a closed-form backward pass.
+  """``functional.moments(x, ..., keepdims=True)`` with closed-form derivatives.
 
   The forward pass is ``functional.moments`` in the computation dtype (two-pass, one
-  ``all_gather`` with `axis_name`). The backward pass keeps only `x` and the mean:
+  ``all_gather`` with `axis_name`). The derivatives keep only `x` and the mean:
 
   .. math::
     \\frac{\\partial L}{\\partial x} = \\frac{\\bar\\mu + 2 \\bar v (x - \\mu)}{n}.
@@ -226,7 +225,7 @@ def _per_channel(value, name, stats_shape, kernel_stats_shape, compute_dtype):
 
 @functools.lru_cache(maxsize=256)
 def _kernel(shape, axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index_groups):
-  """Builds the `custom_vjp` normalization for one static configuration.
+  """Builds the `custom_jvp` normalization for one static configuration.
 
   The kernel takes `x` in its own shape (so the saved residual *is* the input) and works on the
   collapsed `shape`.
@@ -244,53 +243,52 @@ def _kernel(shape, axes, epsilon, subtract_mean_first, out_dtype, axis_name, axi
     )
     return y.astype(out_dtype).reshape(x.shape)
 
-  kernel = jax.custom_vjp(forward)
-
-  def fwd(x, mean, variance, scale, offset):
-    rstd = jnp.reciprocal(jnp.sqrt(variance + jnp.asarray(epsilon, variance.dtype)))
-    y = forward(x, mean, variance, scale, offset)
-    return y, (x, mean, rstd, scale, offset)
-
-  def bwd(residuals, dy):
-    x, mean, rstd, scale, offset = residuals
-    cdtype = mean.dtype
-    xc = x.reshape(shape).astype(cdtype)
-    dy = dy.reshape(shape).astype(cdtype)
+  @jax.checkpoint
+  def tangent(x, mean, rstd, scale, dx, dscale, doffset):
+    # dy = a (dx - mean(dx) - x_hat mean(dx x_hat)) + dscale x_hat + doffset, with
+    # x_hat = (x - mean) rstd and a = scale rstd: the derivative of batch normalization with
+    # `mean` and `variance` the batch moments of `x` (their own tangents are implied by `dx`).
     # Each pass gets its own copy of `mean` (see `_distinct`), so XLA fuses ``x - mean`` into
     # it instead of writing it out.
-    sum_dy = jnp.sum(dy, axes, keepdims=True)
-    sum_dy_xmu = jnp.sum(dy * (xc - _distinct(mean, rstd)), axes, keepdims=True)
-    count = jnp.full(mean.shape, _count(shape, axes), cdtype)
-    total_dy, total_dy_xmu, total_count = sum_dy, sum_dy_xmu, count
+    cdtype = mean.dtype
+    xc = x.reshape(shape).astype(cdtype)
+    dxc = dx.reshape(shape).astype(cdtype)
+    sum_dx = jnp.sum(dxc, axes, keepdims=True)
+    sum_dx_xhat = jnp.sum(dxc * (xc - _distinct(mean, rstd)), axes, keepdims=True) * rstd
+    count = _count(shape, axes) * _group_size(axis_name, axis_index_groups)
     if axis_name is not None:
-      total_dy, total_dy_xmu, total_count = _group_sum(jnp.stack([sum_dy, sum_dy_xmu, count]))
-    gamma = jnp.ones_like(rstd) if scale is None else scale.astype(cdtype)
-    # dx = a * dy + b * (x - mean) + c, with per-channel a, b, c.
-    a = gamma * rstd
-    b = -a * jnp.square(rstd) * total_dy_xmu / total_count
-    c = -a * total_dy / total_count
-    dx = (a * dy + b * (xc - _distinct(mean, a)) + c).astype(x.dtype).reshape(x.shape)
-    dscale = None if scale is None else _sum_like(sum_dy_xmu * rstd, scale)
-    doffset = None if offset is None else _sum_like(sum_dy, offset)
-    # None: a symbolic zero, so nothing is computed for the moments' own backward pass.
-    return dx, None, None, dscale, doffset
+      sum_dx, sum_dx_xhat = _sum_over_group(
+        jnp.stack([sum_dx, sum_dx_xhat]), axis_name, axis_index_groups
+      )
+    a = rstd if scale is None else scale.astype(cdtype) * rstd
+    # Per-channel coefficients: dy = a dx + b (x - mean) + c (+ the parameters' terms).
+    b = -a * rstd * sum_dx_xhat / count
+    c = -a * sum_dx / count
+    dy = a * dxc + b * (xc - _distinct(mean, a)) + c
+    if dscale is not None:
+      dy = dy + dscale.astype(cdtype) * rstd * (xc - _distinct(mean, -rstd))
+    if doffset is not None:
+      dy = dy + doffset.astype(cdtype)
+    return dy.astype(out_dtype).reshape(x.shape)
 
-  def _group_sum(partials):
-    return _sum_over_group(partials, axis_name, axis_index_groups)
+  kernel = jax.custom_jvp(forward)
 
-  kernel.defvjp(fwd, bwd)
+  @kernel.defjvp
+  def _jvp(primals, tangents):
+    x, mean, variance, scale, offset = primals
+    dx, _, _, dscale, doffset = tangents
+    rstd = jnp.reciprocal(jnp.sqrt(variance + jnp.asarray(epsilon, variance.dtype)))
+    dy = tangent(x, mean, rstd, scale, dx, dscale, doffset)
+    return forward(x, mean, variance, scale, offset), dy
+
   return kernel
 
 
 @functools.lru_cache(maxsize=256)
 def _moments_kernel(axes, axis_name, axis_index_groups):
-  """Builds the `custom_vjp` moments for one static configuration."""
+  """Builds the `custom_jvp` moments for one static configuration."""
 
-  def forward(x):
-    mean, variance, _ = _moments_with_count(x)
-    return mean, variance
-
-  def _moments_with_count(x):
+  def moments_with_count(x):
     # functional.partial_moments' arithmetic; the second pass gets its own copy of the mean
     # (see `_distinct`) so that XLA fuses ``x - mean`` into the reduction.
     xc = x.astype(functional.reduction_dtype(x.dtype))
@@ -307,31 +305,27 @@ def _moments_kernel(axes, axis_name, axis_index_groups):
       return mean, functional._div_no_nan(m2, count), count
     return mean, m2 / count, count
 
-  kernel = jax.custom_vjp(forward)
-
-  def fwd(x):
-    mean, variance, count = _moments_with_count(x)
-    return (mean, variance), (x, mean, count)
-
-  def bwd(residuals, cotangents):
-    x, mean, count = residuals
-    dmean, dvariance = cotangents
-    if axis_name is not None and functional._varying_axes(dmean) | functional._varying_axes(
-      dvariance
-    ):
-      # Per-device copies of the moments (axis_index_groups, or no replication checking): each
-      # copy's cotangent reaches every member of the group. Invariant moments (the usual case)
-      # already carry the total cotangent and need no collective.
-      dmean, dvariance = _group_sum(jnp.stack([dmean, dvariance]))
+  @jax.checkpoint
+  def tangent(x, mean, count, dx):
+    # d mean = mean(dx), d variance = 2 mean((x - mean) dx), over the whole (global) batch.
+    xc = x.astype(mean.dtype)
+    dxc = dx.astype(mean.dtype)
+    sums = jnp.stack(
+      [jnp.sum(dxc, axes, keepdims=True), jnp.sum((xc - mean) * dxc, axes, keepdims=True)]
+    )
+    if axis_name is not None:
+      sums = _sum_over_group(sums, axis_name, axis_index_groups)
     inv_n = functional._div_no_nan(jnp.ones_like(count), count)
-    xmu = x.astype(mean.dtype) - mean
-    dx = (dmean + 2 * dvariance * xmu) * inv_n
-    return (dx.astype(x.dtype),)
+    return sums[0] * inv_n, 2 * sums[1] * inv_n
 
-  def _group_sum(partials):
-    return _sum_over_group(partials, axis_name, axis_index_groups)
+  kernel = jax.custom_jvp(lambda x: moments_with_count(x)[:2])
 
-  kernel.defvjp(fwd, bwd)
+  @kernel.defjvp
+  def _jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    mean, variance, count = moments_with_count(x)
+    return (mean, variance), tangent(x, mean, count, dx)
+
   return kernel
 
 
@@ -346,25 +340,20 @@ def _sum_over_group(partials, axis_name, axis_index_groups):
   return jnp.sum(gathered * in_group.reshape((-1,) + (1,) * partials.ndim), axis=0)
 
 
+def _group_size(axis_name, axis_index_groups) -> int:
+  """How many devices' data a synchronized reduction covers (1 without `axis_name`)."""
+  if axis_name is None:
+    return 1
+  if axis_index_groups is not None:
+    return len(axis_index_groups[0])
+  return lax.axis_size(axis_name)
+
+
 def _count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
   count = 1
   for axis in axes:
     count *= shape[axis]
   return count
-
-
-def _sum_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
-  """Casts to `primal`'s dtype and, under `shard_map`, sums over the mesh axes along which
-  `cotangent` varies but `primal` does not (what autodiff's transpose of the implicit
-  broadcast does for a replicated parameter)."""
-  extra = tuple(
-    sorted(
-      set(functional._varying_axes(cotangent)) - set(functional._varying_axes(primal)), key=str
-    )
-  )
-  if extra:
-    cotangent = lax.psum(cotangent, extra)
-  return cotangent.astype(primal.dtype)
 
 
 def _distinct(value: jax.Array, tag: jax.Array) -> jax.Array:

@@ -11,22 +11,44 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import FrozenDict
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
-def freeze(value: Any) -> Any:
-  """A hashable copy of a configuration value: dicts become `FrozenDict`, lists tuples.
+class FrozenMapping(Mapping):
+  """An immutable, hashable dict (equal to any mapping with the same items)."""
 
-  Module attributes must be hashable, so that a module can be a static argument of `jax.jit`.
+  def __init__(self, items: Mapping[str, Any]):
+    self._items = dict(items)
+
+  def __getitem__(self, key):
+    return self._items[key]
+
+  def __iter__(self):
+    return iter(self._items)
+
+  def __len__(self):
+    return len(self._items)
+
+  def __hash__(self):
+    return hash(tuple(sorted(self._items.items(), key=lambda item: str(item[0]))))
+
+  def __repr__(self):
+    return f"FrozenMapping({self._items!r})"
+
+
+def freeze(value: Any, mapping_type: type = FrozenMapping) -> Any:
+  """A hashable copy of a configuration value: dicts become `mapping_type`, lists tuples.
+
+  Configurations must be hashable, so that a layer can be a static argument of `jax.jit`.
   """
   if isinstance(value, Mapping):
-    return FrozenDict({key: freeze(item) for key, item in value.items()})
+    return mapping_type({key: freeze(item, mapping_type) for key, item in value.items()})
   if isinstance(value, list | tuple):
-    return tuple(freeze(item) for item in value)
+    return tuple(freeze(item, mapping_type) for item in value)
   return value
 
 
@@ -217,6 +239,12 @@ def check_config(
     )
 
 
+def check_optional_bool(name: str, value: Any) -> None:
+  """Raises unless `value` is None or a Python bool."""
+  if value is not None and not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}`={value!r} must be None, True or False.")
+
+
 def _check_unit_interval(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"`{name}`={value!r} must be a real number in [0, 1], such as 0.99.")
@@ -237,13 +265,96 @@ def check_ghost_batch_axes(axes: Sequence[int]) -> None:
     )
 
 
-def check_ghost_batch_size(virtual_batch_size: int, batch_size: int) -> None:
-  """Raises if `virtual_batch_size` does not divide the batch size (a training-time check)."""
-  if batch_size % virtual_batch_size:
+def check_ghost_batch_size(
+  virtual_batch_size: int, batch_size: Any, local_ghost_size: int | None = None
+) -> None:
+  """Raises if `virtual_batch_size` does not divide the batch size (a training-time check).
+
+  Args:
+    virtual_batch_size: the ghost batch size.
+    batch_size: this call's (per-device) batch size; symbolic under a shape-polymorphic export.
+    local_ghost_size: with ``ghost_batch_scope="global"``, the rows of the global layout that
+      each device holds (``virtual_batch_size`` divided by the device count).
+  """
+  divisor = virtual_batch_size if local_ghost_size is None else local_ghost_size
+  if not isinstance(batch_size, int):
+    raise ValueError(
+      f"`virtual_batch_size`={virtual_batch_size} must divide the batch size, but the batch "
+      f"size is symbolic ({batch_size}), as in a shape-polymorphic `jax.export`. Export with "
+      f"a concrete batch size, or declare the batch a multiple of {divisor}, e.g. "
+      f'`jax.export.symbolic_shape("{divisor}*k, ...")`.'
+    )
+  if batch_size % divisor == 0:
+    return
+  if local_ghost_size is None:
     raise ValueError(
       f"`virtual_batch_size`={virtual_batch_size} must divide the batch size {batch_size}; "
       f"choose a batch size that is a multiple of {virtual_batch_size}."
     )
+  devices = virtual_batch_size // local_ghost_size
+  raise ValueError(
+    f"`virtual_batch_size`={virtual_batch_size} must divide the global batch size "
+    f"{batch_size * devices} ({devices} devices x {batch_size}); with "
+    f"`ghost_batch_scope`='global' each device's batch must be a multiple of {divisor}."
+  )
+
+
+_V2_FUSED_AXES = (-4, -3, -1, 1, 3, 4)
+_V2_FIX = " Pass fused=None (or False) to let the layer choose, as Keras V1 does silently."
+
+
+def _v2_fused_problems(config: Any) -> list[str]:
+  """Keras V2's construction-time reasons why a layer cannot fuse, in Keras's order."""
+  axis = config.axis if isinstance(config.axis, tuple) else (config.axis,)
+  compute = None if config.dtype is None else jnp.dtype(config.dtype).name
+  problems = []
+  if config.renorm:
+    problems.append("Passing both `fused=True` and `renorm=True` is not supported.")
+  if len(axis) > 1 or axis[0] not in _V2_FUSED_AXES:
+    problems.append(
+      "Passing `fused=True` is only supported when axis is 1 or 3 for input rank = 4 or 1 or "
+      f"4 for input rank = 5. Got axis {list(axis)}."
+    )
+  if config.virtual_batch_size is not None:
+    problems.append("Passing `fused=True` is not supported when `virtual_batch_size` is specified.")
+  if config.adjustment is not None:
+    problems.append("Passing `fused=True` is not supported when `adjustment` is specified.")
+  if compute not in (None, "float16", "bfloat16", "float32"):
+    problems.append(
+      "Passing `fused=True` is only supported when the compute dtype is float16, bfloat16, or "
+      f"float32. Got dtype: {compute}."
+    )
+  return problems
+
+
+def check_v2_fused(config: Any) -> None:
+  """Raises, as Keras V2's constructor does, for an explicit ``fused=True`` that cannot fuse."""
+  if config.semantics == "keras_v2" and config.fused is True:
+    problems = _v2_fused_problems(config)
+    if problems:
+      raise ValueError(problems[0] + _V2_FIX)
+
+
+def v2_fused_allowed(config: Any) -> bool:
+  """Whether Keras V2 keeps ``fused`` undecided until build (no construction-time obstacle)."""
+  return not _v2_fused_problems(config)
+
+
+def raise_v2_fused_rank_error(rank: int) -> None:
+  """Keras V2's build-time error for an explicit ``fused=True`` on a rank other than 4 or 5."""
+  raise ValueError(
+    "Batch normalization layers with `fused=True` only support 4D or 5D input tensors. "
+    f"Received tensor with rank {rank}." + _V2_FIX
+  )
+
+
+def raise_v2_fused_axis_error(axes: Sequence[int]) -> None:
+  """Keras V2's build-time error for a rank-4 fused layer whose axis is not 1 or 3."""
+  raise ValueError(
+    "Unsupported axis. The use of `fused=True` is only possible with `axis=1` or `axis=3` for "
+    f"4D input tensors. Received: axis={tuple(axes)}. Keras V2 raises this even for fused=None "
+    "(a negative axis such as -4 that resolves to 0); pass fused=False, or an axis of 1 or 3."
+  )
 
 
 def check_renorm_clipping_keys(renorm_clipping: Any) -> None:
@@ -261,11 +372,22 @@ def check_renorm_clipping_keys(renorm_clipping: Any) -> None:
     )
 
 
-def check_training(training: Any) -> bool:
-  """Returns `training` as a Python bool; traced values are rejected.
+_JIT_HINT = (
+  "under `jax.jit`, mark it static (`static_argnames=('training',)`, or `static_argnums` for a "
+  "positional argument and for `nn.jit`/`nn.remat`), or write one step function for training "
+  "and one for inference"
+)
+
+
+def check_training(training: Any, static_hint: str = _JIT_HINT) -> bool:
+  """Returns `training` as a Python bool; traced values and strings are rejected.
 
   Keras's other spellings are accepted: 0/1, NumPy bools, and ``None``, which Keras resolves to
   the learning phase, 0 (inference) in TF2.
+
+  Args:
+    training: the value given.
+    static_hint: how the caller's API makes an argument static (in the words of that API).
   """
   if training is None:
     return False
@@ -273,10 +395,18 @@ def check_training(training: Any) -> bool:
     return bool(training)
   if isinstance(training, numbers.Integral) and training in (0, 1):
     return bool(training)
+  if isinstance(training, str):
+    raise TypeError(
+      f"`training`={training!r} must be a Python bool, not a string: pass True or False (a "
+      "non-empty string such as 'False' would read as true)."
+    )
+  if isinstance(training, jax.core.Tracer):
+    raise TypeError(
+      f"`training`={training!r} is traced, but it must be a Python bool: it selects the "
+      f"computation, so it is static: {static_hint}."
+    )
   raise TypeError(
-    f"`training`={training!r} must be a Python bool. It selects the computation, so it is "
-    "static: under `jax.jit` mark it static (`static_argnames=('training',)`) or write one "
-    "step function for training and one for inference."
+    f"`training`={training!r} must be a Python bool (True or False), 0/1, or None (inference)."
   )
 
 

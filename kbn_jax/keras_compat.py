@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from kbn_jax import _keras_identifiers, _validation, functional
+from kbn_jax import _batch_norm, _keras_identifiers, _validation, functional
 
 if TYPE_CHECKING:
   from kbn_jax.layers import BatchNormalization
@@ -434,10 +434,7 @@ def _layout(module: BatchNormalization, input_shape: Sequence[int | None]) -> _L
       f"{module.axis!r}; give the feature sizes as ints."
     )
   feature_shape = tuple(int(d) for d in feature_shape)
-  from kbn_jax import layers  # noqa: PLC0415 (layers and keras_compat import each other)
-
-  ghost = module.virtual_batch_size is not None
-  keras_shape = layers._keras_param_shape(feature_axes, input_shape, ghost=ghost)
+  keras_shape = _batch_norm.keras_param_shape(module.config, input_shape)
   return _Layout(
     names=_weight_names(module),
     feature_shape=feature_shape,

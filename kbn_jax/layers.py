@@ -1,32 +1,36 @@
 """`BatchNormalization`: the Keras 2.x V1 layer as a `flax.linen` Module.
 
-The Module is a thin shell. It validates its configuration, creates the variables, calls
-`kbn_jax.functional` and writes the moving statistics to the ``batch_stats`` collection.
+The Module is a thin shell over `kbn_jax.functional.batch_normalization`. It validates its
+configuration (a `BatchNormConfig`), creates or fetches the variables, makes one call of the
+pure function, and writes the moving statistics to the ``batch_stats`` collection.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 from jax.typing import DTypeLike
 
-from kbn_jax import (
-  _fast_train,
-  _validation,
-  constraints,
-  functional,
-  initializers,
-  regularizers,
-)
+from kbn_jax import _batch_norm, _validation
+from kbn_jax import _config as config_lib
+from kbn_jax._config import BatchNormConfig
 
-_FUSED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+_NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "<not given>"})()
+
+LINEN = _batch_norm.Api(
+  training_hint=(
+    "under `jax.jit`, mark it static (`static_argnames=('training',)`); under `nn.jit` or "
+    "`nn.remat`, pass `static_argnums` for its position; or set "
+    "`use_running_average` on the Module instead"
+  ),
+  missing_hint="pass the variables that `init` returned.",
+  mapping_hint="`jax.shard_map` (or `jax.pmap`/`jax.vmap`/`nn.vmap`)",
+)
 
 
 class BatchNormalization(nn.Module):
@@ -87,10 +91,17 @@ class BatchNormalization(nn.Module):
     dtype: compute and output dtype (inputs are cast to it); ``None`` promotes the input and
       parameter dtypes. Keras's ``"mixed_float16"``/``"mixed_bfloat16"`` mean float16/bfloat16.
     param_dtype: dtype of ``gamma`` and ``beta``; moving statistics are kept in at least float32.
+    use_running_average: Flax's mode attribute: ``True`` for inference, ``False`` for training,
+      ``None`` to take the mode from the call's `training`. A call's `training` overrides it
+      (``training=None`` defers to it); contradicting values raise.
+    semantics: ``"keras_v1"`` (default), ``"keras_v2"``, ``"keras3"`` or ``"torch"``: whose layer
+      is reproduced (see `kbn_jax.functional.BatchNormConfig`).
+    ghost_batch_scope: ``"device"`` (default) or ``"global"``: where ghost batches live under
+      `axis_name`.
   """
 
   axis: int | Sequence[int] = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-3
   center: bool = True
   scale: bool = True
@@ -113,44 +124,30 @@ class BatchNormalization(nn.Module):
   axis_index_groups: Any = None
   dtype: DTypeLike | None = None
   param_dtype: DTypeLike = jnp.float32
+  use_running_average: bool | None = None
+  semantics: str = "keras_v1"
+  ghost_batch_scope: str = "device"
 
   def __post_init__(self):
-    _validation.canonicalize_axis(self.axis)
-    _validation.check_config(
-      momentum=self.momentum,
-      epsilon=self.epsilon,
-      renorm=self.renorm,
-      renorm_clipping=self.renorm_clipping,
-      renorm_momentum=self.renorm_momentum,
-      fused=self.fused,
-      virtual_batch_size=self.virtual_batch_size,
-      adjustment=self.adjustment,
-      flags={
-        "center": self.center,
-        "scale": self.scale,
-        "renorm": self.renorm,
-        "trainable": self.trainable,
-      },
-    )
-    _validation.check_axis_index_groups(self.axis_index_groups, self.virtual_batch_size)
-    for name in _INITIALIZER_ARGS:
-      initializers.get(getattr(self, name), argument=name)
-    for name in _REGULARIZER_ARGS:
-      regularizers.get(getattr(self, name), argument=name)
-    for name in _CONSTRAINT_ARGS:
-      constraints.get(getattr(self, name), argument=name)
-    for name in _HASHABLE_CONFIG_ARGS:  # after validation, so errors show the values as given
-      object.__setattr__(self, name, _validation.freeze(getattr(self, name)))
-    dtype = _validation.canonicalize_dtype(self.dtype, argument="dtype", allow_policy=True)
-    param_dtype = _validation.canonicalize_dtype(self.param_dtype, argument="param_dtype")
-    object.__setattr__(self, "dtype", dtype)
-    object.__setattr__(self, "param_dtype", param_dtype)
+    config = BatchNormConfig.from_attributes(self)  # validates every argument
+    _validation.check_optional_bool("use_running_average", self.use_running_average)
+    for name in config_lib.HASHABLE_ARGS:  # after validation, so errors show the values as given
+      object.__setattr__(self, name, _validation.freeze(getattr(self, name), FrozenDict))
+    object.__setattr__(self, "dtype", config.dtype)
+    object.__setattr__(self, "param_dtype", config.param_dtype)
+    object.__setattr__(self, "_bn_config", config)
     super().__post_init__()
+
+  @property
+  def config(self) -> BatchNormConfig:
+    """The layer's validated `BatchNormConfig` (what `kbn_jax.functional` takes)."""
+    return self._bn_config
 
   @classmethod
   def from_keras_config(cls, config: Mapping[str, Any], **kwargs: Any) -> BatchNormalization:
     """Builds the layer from a Keras ``get_config()`` dict; keyword arguments go to
-    `kbn_jax.keras_compat.from_keras_config` (e.g. ``axis_name="batch"``, ``keep_name=True``)."""
+    `kbn_jax.keras_compat.from_keras_config` (e.g. ``axis_name="batch"``, ``keep_name=True``,
+    ``semantics="keras_v2"``)."""
     from kbn_jax import keras_compat  # noqa: PLC0415 (keras_compat imports this module)
 
     return keras_compat.from_keras_config(config, cls, **kwargs)
@@ -165,7 +162,7 @@ class BatchNormalization(nn.Module):
   def __call__(
     self,
     inputs: jax.typing.ArrayLike,
-    training: bool = False,
+    training: bool | None = _NOT_GIVEN,
     mask: jax.typing.ArrayLike | None = None,
     *,
     renorm_clipping: Mapping[str, jax.typing.ArrayLike] | None = None,
@@ -177,405 +174,107 @@ class BatchNormalization(nn.Module):
         to `dtype` when that is set, and integer or boolean inputs to float, as Keras does.
       training: Python bool (static): batch statistics and moving-average updates (requires
         ``mutable=["batch_stats"]`` unless ``trainable=False``), or moving statistics.
+        ``None`` takes the mode from `use_running_average`, else inference (Keras's learning
+        phase). Left out, the mode comes from `use_running_average`; if that is unset too, the
+        call is inference, except that a call with ``batch_stats`` mutable raises (it looks like
+        a forgotten ``training=True``).
       mask: optional ``inputs.shape[:-1]`` weights for padding-aware moments (Keras >= 2.12);
-        ignored with a warning on fused configurations, as in Keras.
+        masked-out positions must hold finite values (the weights are multiplied in). Ignored
+        with a warning on fused configurations, as in Keras.
       renorm_clipping: optional per-call clipping bounds (may be traced, e.g. a warm-up
         schedule under ``jit``); they override the attribute of the same name.
 
     Returns:
       The normalized array, of dtype `dtype` or the promotion of input and parameter dtypes.
     """
-    training = _validation.check_training(training)
+    config = self.config
+    training = self._mode(training)
     x = jnp.asarray(inputs)
-    if self.dtype is not None or not jnp.issubdtype(x.dtype, jnp.inexact):
-      # Keras casts inputs to the layer's compute dtype first (as Flax layers cast to `dtype`).
-      x = x.astype(self.dtype or self.param_dtype)
-    axes = _validation.normalize_axes(_validation.canonicalize_axis(self.axis), x.ndim)
-    feature_axes = tuple(sorted(axes))
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    if self.virtual_batch_size is not None:
-      _validation.check_ghost_batch_axes(axes)
-    out_dtype = jnp.dtype(self.dtype or functional.promote_dtypes(x.dtype, self.param_dtype))
-    fused = self._fused(axes, x.ndim, out_dtype)
-    mask = self._checked_mask(mask, x, fused)
-    keras_shape = _keras_param_shape(
-      feature_axes, x.shape, ghost=self.virtual_batch_size is not None
-    )
-    variables = self._variables(feature_shape, keras_shape)
-    gamma, beta = variables.get("gamma"), variables.get("beta")
-
-    compute_dtype = functional.reduction_dtype(x.dtype)
-    x = x.astype(compute_dtype)
-    if not training:
-      # Keras's ghost-batch inference reshape is elementwise, so it is skipped.
-      y = functional.normalize(
-        x,
-        _broadcast(variables["moving_mean"].value, feature_axes, x.ndim),
-        _broadcast(variables["moving_variance"].value, feature_axes, x.ndim),
-        scale=_broadcast(gamma, feature_axes, x.ndim),
-        offset=_broadcast(beta, feature_axes, x.ndim),
-        epsilon=self.epsilon,
-        subtract_mean_first=fused,
-      )
-      return y.astype(out_dtype)
-
-    self._check_can_update()
-    self._sow_penalties(gamma, beta, keras_shape)
-    y = self._train(x, mask, variables, feature_axes, feature_shape, fused, renorm_clipping)
-    return y.astype(out_dtype)
-
-  def _train(self, x, mask, variables, feature_axes, feature_shape, fused, renorm_clipping):
-    """Training-mode normalization and moving-statistic updates."""
-    batch_size = x.shape[0]
-    # Elements per channel; 0 for an empty batch or an empty reduced axis. Keras turns the
-    # moving statistics into NaN then (spec section 4.4); we skip the step: the statistics stay,
-    # and the (empty) output depends on no parameter, so its gradients are 0, not NaN.
-    count = math.prod(size for a, size in enumerate(x.shape) if a not in feature_axes)
-    if count == 0:
-      return jnp.zeros(x.shape, x.dtype)
-    syncing = self.axis_name is not None and not self.is_initializing()
-    if syncing:
-      _check_axis_name_bound(self.axis_name)
-    ghost = self.virtual_batch_size is not None
-    ghost_spans_devices = ghost and syncing and batch_size < self.virtual_batch_size
-    split = ghost and not ghost_spans_devices
-    if split:
-      _validation.check_ghost_batch_size(self.virtual_batch_size, batch_size)
-      x = functional.split_ghost_batches(x, self.virtual_batch_size)
-      feature_axes = tuple(a + 1 for a in feature_axes)
-    ndim = x.ndim
-    reduction_axes = tuple(
-      a for a in range(ndim) if a not in feature_axes and not (split and a == 1)
-    )
-    scale = _broadcast(variables.get("gamma"), feature_axes, ndim)
-    offset = _broadcast(variables.get("beta"), feature_axes, ndim)
-    if self.adjustment is not None:
-      adjust_scale, adjust_bias = self._adjustment(x.shape)
-      scale, offset = functional.compose_affine(adjust_scale, adjust_bias, scale, offset)
-
-    mean, variance, batch_mean, batch_variance = self._batch_moments(
-      x, mask, reduction_axes, syncing=syncing, split=split, spans_devices=ghost_spans_devices
-    )
-    batch_mean = batch_mean.reshape(feature_shape)
-    batch_variance = batch_variance.reshape(feature_shape)
-
-    update = self.trainable and not self.is_initializing()
-    if self.renorm:
-      r, d = self._renorm(batch_mean, batch_variance, variables, renorm_clipping, update)
-      scale, offset = functional.compose_affine(
-        _broadcast(r, feature_axes, ndim), _broadcast(d, feature_axes, ndim), scale, offset
-      )
-    if update:
-      self._update_moving_statistics(variables, batch_mean, batch_variance, fused, count)
-    fast = (
-      mask is None
-      and not ghost_spans_devices
-      and _fast_train.is_per_channel(scale, reduction_axes, ndim)
-      and _fast_train.is_per_channel(offset, reduction_axes, ndim)
-    )
-    if fast:  # closed-form backward; r, d and the adjustment are folded into scale and offset
-      kernel_axis_name = self.axis_name if syncing and not split else None
-      y = _fast_train.normalize_batch(
-        x,
-        mean,
-        variance,
-        scale,
-        offset,
-        reduction_axes=reduction_axes,
-        epsilon=self.epsilon,
-        subtract_mean_first=fused,
-        axis_name=kernel_axis_name,
-        axis_index_groups=self.axis_index_groups if kernel_axis_name is not None else None,
-      )
-    else:
-      y = functional.normalize(
-        x,
-        mean,
-        variance,
-        scale=scale,
-        offset=offset,
-        epsilon=self.epsilon,
-        subtract_mean_first=fused,
-      )
-    return functional.merge_ghost_batches(y) if split else y
-
-  def _batch_moments(self, x, mask, reduction_axes, *, syncing, split, spans_devices):
-    """Returns the moments that normalize ``x`` and the ones the moving averages move toward.
-
-    They differ with ghost batches: each ghost batch is normalized by its own moments, and the
-    moving statistics move toward their mean over every ghost batch (of every device).
-    """
-    if spans_devices:
-      return functional.device_group_moments(
-        x,
-        reduction_axes,
-        axis_name=self.axis_name,
-        group_size=self._ghost_group_size(x.shape[0]),
-      )
-    if split:
-      mean, variance = _fast_train.batch_moments(x, reduction_axes)
-      batch_mean = jnp.mean(mean, axis=1, keepdims=True)
-      batch_variance = jnp.mean(variance, axis=1, keepdims=True)
-      if syncing:  # one collective; the normalization itself needs none
-        batch_mean, batch_variance = jax.lax.pmean(
-          jnp.stack([batch_mean, batch_variance]), self.axis_name
-        )
-      return mean, variance, batch_mean, batch_variance
-    axis_name = self.axis_name if syncing else None
-    if mask is None:
-      mean, variance = _fast_train.batch_moments(
-        x, reduction_axes, axis_name=axis_name, axis_index_groups=self.axis_index_groups
-      )
-    else:
-      mean, variance = functional.moments(
-        x,
-        reduction_axes,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=self.axis_index_groups,
-        keepdims=True,
-      )
-    return mean, variance, mean, variance
-
-  def _ghost_group_size(self, batch_size: int) -> int:
-    """Devices per virtual batch when the per-device batch is smaller than the ghost batch."""
-    vbs = self.virtual_batch_size
-    devices = jax.lax.axis_size(self.axis_name)
-    group_size = vbs // batch_size if batch_size else 0
-    if batch_size == 0 or vbs % batch_size or devices % group_size:
-      raise ValueError(
-        f"`virtual_batch_size`={vbs} spans several devices because the per-device batch is "
-        f"{batch_size}: the per-device batch must divide it and the number of devices "
-        f"per virtual batch ({vbs}/{batch_size}) must divide the {devices} devices of "
-        f"`axis_name`={self.axis_name!r}. Choose a per-device batch that divides {vbs}."
-      )
-    return group_size
-
-  def _renorm(self, batch_mean, batch_variance, variables, renorm_clipping, update):
-    """Returns ``(r, d)`` from the pre-update renorm statistics, then updates those."""
-    clipping = dict(self.renorm_clipping or {})
-    if renorm_clipping is not None:
-      _validation.check_renorm_clipping_keys(renorm_clipping)
-      clipping.update(renorm_clipping)
-    renorm_mean, renorm_stddev = variables["renorm_mean"], variables["renorm_stddev"]
-    r, d = functional.renorm_correction(
-      batch_mean,
-      batch_variance,
-      renorm_mean.value,
-      renorm_stddev.value,
-      epsilon=self.epsilon,
-      rmin=clipping.get("rmin"),
-      rmax=clipping.get("rmax"),
-      dmax=clipping.get("dmax"),
-    )
-    if update:
-      stddev = jnp.sqrt(batch_variance + jnp.asarray(self.epsilon, batch_variance.dtype))
-      renorm_mean.value = functional.update_moving_average(
-        renorm_mean.value, batch_mean, self.renorm_momentum
-      )
-      renorm_stddev.value = functional.update_moving_average(
-        renorm_stddev.value, stddev, self.renorm_momentum
-      )
-    return r, d
-
-  def _update_moving_statistics(self, variables, batch_mean, batch_variance, fused, count):
-    """Keras's updates: mean first, then (renorm's stddev and) variance."""
-    moving_mean = variables["moving_mean"]
-    moving_variance = variables["moving_variance"]
-    moving_mean.value = functional.update_moving_average(
-      moving_mean.value, jax.lax.stop_gradient(batch_mean), self.momentum
-    )
-    batch_variance = jax.lax.stop_gradient(batch_variance)
-    if self.renorm:
-      # Keras averages the stddev and overwrites the variance from it (spec section 3.6).
-      moving_stddev = variables["moving_stddev"]
-      eps = jnp.asarray(self.epsilon, batch_variance.dtype)
-      moving_stddev.value = functional.update_moving_average(
-        moving_stddev.value, jnp.sqrt(batch_variance + eps), self.momentum
-      )
-      moving_variance.value = jax.nn.relu(jnp.square(moving_stddev.value) - eps)
-      return
-    if fused:
-      count *= self._device_count()
-      batch_variance = functional.bessel_correction(batch_variance, count)
-    moving_variance.value = functional.update_moving_average(
-      moving_variance.value, batch_variance, self.momentum
-    )
-
-  def _device_count(self) -> int:
-    """How many devices' batches the synchronized statistics cover (1 without `axis_name`)."""
-    if self.axis_name is None or self.is_initializing():
-      return 1
-    if self.axis_index_groups is not None:
-      return len(self.axis_index_groups[0])
-    return jax.lax.axis_size(self.axis_name)
-
-  def _fused(self, axes: tuple[int, ...], ndim: int, compute_dtype: jnp.dtype) -> bool:
-    """Keras V1's fused resolution (spec section 2, step 3), decided on normalized axes."""
-    if self.fused is False:
-      return False
-    fusable_axes = {4: (1, 3), 5: (1, 4)}.get(ndim, ())
-    return (
-      len(axes) == 1
-      and axes[0] in fusable_axes
-      and not self.renorm
-      and self.virtual_batch_size is None
-      and self.adjustment is None
-      and jnp.dtype(compute_dtype) in _FUSED_DTYPES
-    )
-
-  def _checked_mask(self, mask, x, fused):
-    if mask is None:
-      return None
-    if fused:
-      warnings.warn(
-        "Masking is not supported with `fused=True`; the mask is ignored (as in Keras). "
-        "Pass fused=False to use padding-aware moments.",
-        stacklevel=3,
-      )
-      return None
-    if self.virtual_batch_size is not None:
-      raise ValueError("`mask` cannot be combined with `virtual_batch_size`; drop one of them.")
-    mask = jnp.asarray(mask)
-    _validation.check_mask_shape(mask.shape, x.shape)
-    return mask
-
-  def _check_can_update(self):
-    if (
-      self.trainable
-      and not self.is_initializing()
-      and not self.is_mutable_collection("batch_stats")
-    ):
+    initializing = self.is_initializing()
+    params, stats = self._variables(x.shape, initializing)
+    updating = _batch_norm.updates_statistics(config, training) and not initializing
+    if updating and not self.is_mutable_collection("batch_stats"):
       raise ValueError(
         "`training=True` updates the moving statistics, so the 'batch_stats' collection must "
         "be mutable: call `layer.apply(variables, x, training=True, "
         "mutable=['batch_stats'])` and keep the returned updates (or construct the layer "
         "with `trainable=False` to freeze them)."
       )
-
-  def _sow_penalties(self, gamma, beta, keras_shape):
-    """Sows Keras's weight penalties, once per weight however often the layer is called (a
-    shared layer's penalty is not multiplied), on the weight in Keras's parameter shape."""
-    if not self.is_mutable_collection("losses") or self.is_initializing():
-      return
-    for name, weight in (("gamma_regularizer", gamma), ("beta_regularizer", beta)):
-      penalty = regularizers.get(getattr(self, name), argument=name)
-      if penalty is not None and weight is not None:
-        value = jnp.asarray(penalty(jnp.reshape(weight, keras_shape)), jnp.float32)
+    if training and not initializing and self.is_mutable_collection("losses"):
+      for name, value in _batch_norm.regularization_penalties(config, params, x.shape).items():
         self.sow("losses", name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+    adjustment_key = None
+    if training and _batch_norm.adjustment_takes_key(config):
+      adjustment_key = self.make_rng("adjustment")
+    y, new_stats = _batch_norm.batch_normalization(
+      x,
+      params,
+      {name: variable.value for name, variable in stats.items()},
+      config,
+      training=training,
+      mask=mask,
+      renorm_clipping=renorm_clipping,
+      adjustment_key=adjustment_key,
+      axis_name=None if initializing else config.axis_name,
+      api=LINEN,
+    )
+    if updating:
+      for name, variable in stats.items():
+        variable.value = new_stats[name]
+    return y
 
-  def _adjustment(self, shape: tuple[int, ...]):
-    """Calls the user's adjustment with the shape (and a key if it asks for one)."""
-    kwargs = {}
-    if "key" in inspect.signature(self.adjustment).parameters:
-      kwargs["key"] = self.make_rng("adjustment")
-    adjust_scale, adjust_bias = self.adjustment(tuple(shape), **kwargs)
-    # NumPy broadcasting, made explicit so that strict rank promotion accepts a ``(C,)`` result.
-    results = []
-    for part, value in (("scale", adjust_scale), ("bias", adjust_bias)):
-      value = jnp.asarray(value)
-      _validation.check_adjustment_shape(part, value.shape, tuple(shape))
-      value = value.astype(functional.reduction_dtype(value.dtype))
-      results.append(value.reshape((1,) * (len(shape) - value.ndim) + value.shape))
-    return tuple(results)
-
-  def _variables(self, feature_shape, keras_shape) -> dict[str, Any]:
-    """Creates (or fetches and shape-checks) every variable of the layer."""
-    stats_dtype = functional.promote_dtypes(self.param_dtype, jnp.float32)
-    mean_init = initializers.get(self.moving_mean_initializer)
-    variance_init = initializers.get(self.moving_variance_initializer)
-
-    def stat(name, init, transform=None):
-      if self.has_variable("batch_stats", name):
-        existing = self.get_variable("batch_stats", name)
-        _validation.check_feature_shape(name, existing.shape, feature_shape)
-
-      def make():
-        value = init(self.make_rng("params"), keras_shape, stats_dtype).reshape(feature_shape)
-        return value if transform is None else transform(value)
-
-      return self.variable("batch_stats", name, make)
-
-    variables = {}
-    for name, init_arg, enabled in (
-      ("gamma", "gamma_initializer", self.scale),
-      ("beta", "beta_initializer", self.center),
-    ):
-      if not enabled:
-        continue
-      if self.has_variable("params", name):
-        _validation.check_feature_shape(
-          name, self.get_variable("params", name).shape, feature_shape
-        )
-      init = initializers.get(getattr(self, init_arg), argument=init_arg)
-      variables[name] = self.param(
-        name, lambda key, init=init: init(key, keras_shape, self.param_dtype).reshape(feature_shape)
+  @nn.nowrap
+  def _mode(self, training: Any) -> bool:
+    """Resolves the call's `training` against `use_running_average` (Flax's mode idiom)."""
+    mode = self.use_running_average
+    if training is _NOT_GIVEN or training is None:
+      if mode is not None:
+        return not mode
+      if training is _NOT_GIVEN and self.is_mutable_collection("batch_stats"):
+        if not self.is_initializing():
+          raise ValueError(
+            "No mode was given: pass `training=True` (or False) to the call, or set "
+            "`use_running_average` on the Module (e.g. `functools.partial("
+            "kbn_jax.BatchNormalization, use_running_average=not train)`). The 'batch_stats' "
+            "collection is mutable, so this looks like a training call, but without a mode it "
+            "would normalize with the moving statistics and update nothing. Pass "
+            "`training=None` for Keras's default (inference)."
+          )
+      return False
+    training = _validation.check_training(training, LINEN.training_hint)
+    if mode is not None and training == mode:
+      raise ValueError(
+        f"`training`={training} contradicts `use_running_average`={mode} set on the Module; "
+        "pass one of them, or values that agree (training = not use_running_average)."
       )
-    variables["moving_mean"] = stat("moving_mean", mean_init)
-    variables["moving_variance"] = stat("moving_variance", variance_init)
-    if self.renorm:
-      variables["moving_stddev"] = stat("moving_stddev", variance_init, jnp.sqrt)
-      variables["renorm_mean"] = stat("renorm_mean", mean_init)
-      variables["renorm_stddev"] = stat("renorm_stddev", variance_init, jnp.sqrt)
-    return variables
+    return training
 
+  @nn.nowrap
+  def _variables(self, input_shape, initializing):
+    """Creates (at `init`) or fetches and shape-checks every variable of the layer."""
+    config = self.config
+    if not initializing and not self.has_variable("batch_stats", "moving_mean"):
+      raise ValueError(
+        f"`batch_stats` of {type(self).__name__} '{self.name}' not found in the variables: pass "
+        "`{'params': ..., 'batch_stats': ...}` as `init` returned them (a TrainState or "
+        "checkpoint that kept only `params` lacks the moving statistics)."
+      )
 
-_INITIALIZER_ARGS = (
-  "beta_initializer",
-  "gamma_initializer",
-  "moving_mean_initializer",
-  "moving_variance_initializer",
-)
-_REGULARIZER_ARGS = ("beta_regularizer", "gamma_regularizer")
-_CONSTRAINT_ARGS = ("beta_constraint", "gamma_constraint")
-# Lists and dicts (Keras configs, axes, clipping bounds, groups) are frozen so modules hash.
-_HASHABLE_CONFIG_ARGS = (
-  ("axis", "renorm_clipping", "axis_index_groups")
-  + _INITIALIZER_ARGS
-  + _REGULARIZER_ARGS
-  + _CONSTRAINT_ARGS
-)
+    def initial(name):
+      return lambda key=None: _batch_norm.initial_value(config, name, key, input_shape)
 
-
-def _keras_param_shape(
-  feature_axes: tuple[int, ...], shape: tuple[int | None, ...], *, ghost: bool
-) -> tuple[int, ...]:
-  """Keras's weight shape (spec section 2, step 6).
-
-  Args:
-    feature_axes: the normalized feature axes, in increasing order.
-    shape: the input shape (only the feature sizes are read).
-    ghost: whether ghost batches are used.
-
-  Returns:
-    ``(C,)`` for one feature axis without ghost batches; otherwise the input rank with 1 on the
-    other axes, and one more 1 inserted at index 1 with ghost batches.
-  """
-  if len(feature_axes) == 1 and not ghost:
-    return (shape[feature_axes[0]],)
-  full = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
-  return full[:1] + (1,) + full[1:] if ghost else full
-
-
-def _check_axis_name_bound(axis_name) -> None:
-  """Raises a clear error when no enclosing `shard_map`/`pmap`/`vmap` binds `axis_name`."""
-  try:
-    jax.lax.axis_size(axis_name)
-  except NameError as error:
-    raise ValueError(
-      f"`axis_name`={axis_name!r} is not bound: cross-device statistics need the training call "
-      f"to run inside `jax.shard_map` (or `jax.pmap`/`jax.vmap`) over an axis named "
-      f"{axis_name!r}. Call the step under that transformation, or construct the layer with "
-      "`axis_name=None` for single-device statistics."
-    ) from error
-
-
-def _broadcast(value, feature_axes: tuple[int, ...], ndim: int):
-  """Reshapes a feature-shaped array so it broadcasts against a rank-`ndim` input."""
-  if value is None:
-    return None
-  value = value.value if isinstance(value, nn.Variable) else value
-  shape = [1] * ndim
-  for axis, size in zip(feature_axes, value.shape, strict=True):
-    shape[axis] = size
-  return jnp.reshape(value, shape)
+    feature_shape = _batch_norm.feature_shape(config, input_shape)
+    params = {}
+    for name in _batch_norm.param_names(config):
+      if self.has_variable("params", name):  # before Flax's own check, with our message
+        existing = jnp.shape(self.get_variable("params", name))
+        _validation.check_feature_shape(name, existing, feature_shape)
+      params[name] = self.param(name, initial(name))
+    stats = {}
+    for name in _batch_norm.stat_names(config):
+      if initializing and not self.has_variable("batch_stats", name):
+        key = self.make_rng("params") if _batch_norm.initializer_needs_key(config, name) else None
+        stats[name] = self.variable("batch_stats", name, initial(name), key)
+      else:
+        stats[name] = self.variable("batch_stats", name)
+    return params, stats

@@ -158,10 +158,29 @@ def test_check_grads_first_and_second_order(rng, shape, axes):
       np.testing.assert_allclose(value, reference, rtol=1e-9, atol=1e-9)
 
 
-def test_forward_mode_directly_raises(rng):
-  x, scale, shift, _ = _data(rng, (4, 3), (0,))
-  with pytest.raises(TypeError, match="custom_vjp"):
-    jax.jvp(lambda x: _fast(x, scale, shift, (0,), False)[0], (x,), (x,))
+@pytest.mark.parametrize("shape, axes", LAYOUTS)
+def test_forward_mode_agrees_with_reverse_mode(rng, shape, axes):
+  """Issue 10: jvp, jacfwd and linearize work and equal the reverse-mode derivative."""
+  x, scale, shift, weights = _data(rng, shape, axes)
+  f = lambda x, scale, shift: _fast(x, scale, shift, axes, True)[0]  # noqa: E731
+  args = (x, scale, shift)
+  tangents = tuple(jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in args)
+  _, jvp = jax.jvp(f, args, tangents)
+  _, pullback = jax.vjp(f, *args)
+  # <J t, w> == <t, J^T w> for the output weights w.
+  lhs = jnp.vdot(jvp, weights)
+  rhs = sum(jnp.vdot(t, g) for t, g in zip(tangents, pullback(jnp.asarray(weights)), strict=True))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4, atol=1e-4)
+  _, linear = jax.linearize(f, *args)
+  np.testing.assert_allclose(linear(*tangents), jvp, rtol=1e-5, atol=1e-5)
+  reference = jax.jvp(lambda *a: _functional(*a, axes, True)[0], args, tangents)[1]
+  np.testing.assert_allclose(jvp, reference, rtol=2e-4, atol=2e-5)
+
+
+def test_jacfwd_equals_jacrev(rng):
+  x, scale, shift, _ = _data(rng, (5, 3), (0,))
+  f = lambda x: _fast(x, scale, shift, (0,), False)[0]  # noqa: E731
+  np.testing.assert_allclose(jax.jacfwd(f)(x), jax.jacrev(f)(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])

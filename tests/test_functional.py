@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from kbn_jax import _math
 from kbn_jax import functional as F
 
 TRANSFORMS = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
@@ -65,7 +66,7 @@ def test_partial_moments_merge_equals_whole(rng):
   parts = [rng.normal(loc=1e3, size=(n, 3)).astype(np.float32) for n in (2, 5, 1)]
   partials = [F.partial_moments(p, (0,)) for p in parts]
   counts, means, m2s = (jnp.stack([p[i] for p in partials]) for i in range(3))
-  total, mean, m2 = F._merge(counts, means, m2s, axis=0)
+  total, mean, m2 = _math._merge(counts, means, m2s, axis=0)
   whole = np.concatenate(parts).astype(np.float64)
   np.testing.assert_allclose(total.ravel(), [8, 8, 8])
   np.testing.assert_allclose(mean.ravel(), whole.mean(0), rtol=1e-6)
