@@ -16,10 +16,12 @@ __all__ = (
   "folding",
   "functional",
   "keras_compat",
+  "nnx",
+  "torch_compat",
   "training",
 )
 
-_LAZY_MODULES = ("diagnostics", "folding", "keras_compat", "training")
+_LAZY_MODULES = ("diagnostics", "folding", "keras_compat", "nnx", "torch_compat", "training")
 
 
 def __getattr__(name: str):

@@ -35,11 +35,15 @@ class Api:
     training_hint: how to make a traced `training` static.
     missing_hint: how to pass variables that a call lacks.
     mapping_hint: the transformations that bind a mapped axis name.
+    feature_hint: how to fix variables built for other feature sizes.
   """
 
   training_hint: str
   missing_hint: str
   mapping_hint: str
+  feature_hint: str = (
+    "Re-run `init` with an input of the new shape, or feed inputs of the shape used at `init`."
+  )
 
   def missing_variable(self, collection: str, names: list[str]) -> str:
     return f"`{collection}` lacks {names}, which this layer needs; {self.missing_hint}"
@@ -53,6 +57,10 @@ FUNCTIONAL = Api(
   missing_hint=(
     "pass the parameters and statistics that `kbn_jax.functional.init_variables` returned (and "
     "the statistics each training call returns)."
+  ),
+  feature_hint=(
+    "Create them with `functional.init_variables` for an input of this shape, or feed inputs "
+    "of the shape they were created for."
   ),
   mapping_hint="`jax.shard_map` (or `jax.pmap`/`jax.vmap`)",
 )
@@ -606,7 +614,7 @@ def _checked(values, names, feature_shape, collection, api):
     raise ValueError(api.missing_variable(collection, missing))
   for name in names:
     expected = () if name == "num_batches_tracked" else feature_shape
-    _validation.check_feature_shape(name, jnp.shape(values[name]), expected)
+    _validation.check_feature_shape(name, jnp.shape(values[name]), expected, api.feature_hint)
   return {name: jnp.asarray(values[name]) for name in names}
 
 

@@ -469,11 +469,17 @@ def check_adjustment_shape(part: str, shape: tuple[int, ...], input_shape: tuple
     )
 
 
-def check_feature_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+_INIT_HINT = (
+  "Re-run `init` with an input of the new shape, or feed inputs of the shape used at `init`."
+)
+
+
+def check_feature_shape(
+  name: str, actual: tuple[int, ...], expected: tuple[int, ...], hint: str = _INIT_HINT
+) -> None:
   """Raises if a stored variable was built for other feature sizes than this input has."""
   if tuple(actual) != tuple(expected):
     raise ValueError(
       f"`{name}` has shape {tuple(actual)} but this input's feature axes have size "
-      f"{tuple(expected)}; the variables were built for another feature dimension. Re-run "
-      "`init` with an input of the new shape, or feed inputs of the shape used at `init`."
+      f"{tuple(expected)}; the variables were built for another feature dimension. {hint}"
     )

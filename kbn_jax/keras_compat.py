@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from kbn_jax import _batch_norm, _keras_identifiers, _validation, functional
+from kbn_jax import _batch_norm, _keras_files, _keras_identifiers, _validation, functional
 
 if TYPE_CHECKING:
   from kbn_jax.layers import BatchNormalization
@@ -149,8 +150,11 @@ def from_keras_config(
     axis_saved_after_build: force (True) or forbid (False) the ghost-batch axis shift.
     keep_name: pass the Keras ``name`` on as the Module's `name` (a Flax scope name; leave it
       False for Modules assigned in ``setup``).
-    **overrides: Module attributes set after conversion, e.g. ``axis_name="batch"`` or
-      ``dtype=None``.
+    **overrides: Module attributes set after conversion, e.g. ``semantics="keras_v2"`` (without
+      it: ``"keras3"`` for a config that says Keras 3 (a ``synchronized`` key or a
+      ``DTypePolicy`` dtype), the class name's version for ``BatchNormalizationV1``/``V2``,
+      else ``"keras_v1"``, with a warning for a frozen layer, where V1 and V2 differ), or
+      ``axis_name="batch"``, ``dtype=None``.
 
   Returns:
     The Module.
@@ -161,6 +165,7 @@ def from_keras_config(
   """
   if cls is None:
     from kbn_jax.layers import BatchNormalization as cls  # noqa: N813 (a default class)
+  original = config
   config = dict(_unwrap_layer(config))
   unknown = set(config) - set(_LAYER_ARGS) - {"name", "dtype", "synchronized"}
   unknown -= set(_SHAPE_KEYS) | set(_DROPPED_KEYS)
@@ -191,6 +196,8 @@ def from_keras_config(
       virtual_batch_size=kwargs.get("virtual_batch_size"),
       saved_after_build=axis_saved_after_build,
     )
+  if "semantics" not in overrides:
+    kwargs["semantics"] = _config_semantics(original, kwargs.get("trainable", True))
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent"}
   bad = set(overrides) - fields
   if bad:
@@ -247,6 +254,29 @@ def to_keras_config(module: BatchNormalization) -> dict[str, Any]:
       stacklevel=2,
     )
   return config
+
+
+def _config_semantics(config: Mapping[str, Any], trainable: Any) -> str:
+  """The semantics a bare config says it has; warns where it cannot tell and it matters."""
+  inner = _unwrap_layer(config)
+  class_name = config.get("class_name") if isinstance(config, Mapping) else None
+  if class_name == "BatchNormalizationV1":
+    return "keras_v1"
+  if class_name == "BatchNormalizationV2":
+    return "keras_v2"
+  dtype = inner.get("dtype")
+  if "synchronized" in inner or (isinstance(dtype, Mapping) and "DTypePolicy" in str(dtype)):
+    return "keras3"
+  if trainable is False:
+    warnings.warn(
+      "This Keras config has trainable=False but cannot say whether it comes from Keras's V1 "
+      "layer (tf.compat.v1) or V2 (tf.keras under TF2, the usual case): it is read as "
+      "semantics='keras_v1', where a training call normalizes the frozen layer with batch "
+      "statistics; V2 and Keras 3 use the moving statistics. Pass semantics='keras_v2' (or "
+      "'keras_v1') to choose and silence this warning.",
+      stacklevel=3,
+    )
+  return "keras_v1"
 
 
 def _unwrap_layer(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -581,6 +611,85 @@ def _decode(value: Any) -> str:
   return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
+def _new_format(path: Any) -> bool:
+  """Whether `path` is a ``.keras`` zip or a ``*.weights.h5`` file (Keras >= 2.13 layouts),
+  which `kbn_jax._keras_files` reads; legacy HDF5 files keep today's reader."""
+  if zipfile.is_zipfile(path):
+    return True
+  h5py = _h5py()
+  try:
+    with h5py.File(path, "r") as file:
+      root = file["model_weights"] if "model_weights" in file else file
+      return "layer_names" not in root.attrs and "model_config" not in file.attrs
+  except OSError:
+    return True  # not HDF5 at all: the safe reader gives the clear error
+
+
+def load_batch_norms(
+  path: Any, *, config_path: Any = None, **overrides: Any
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+  """Every BatchNormalization layer of a saved Keras model, ready to run in JAX.
+
+  Reads legacy full-model ``.h5`` files and ``.keras`` zips of tf_keras and Keras 3 (nested
+  models included, keyed ``"outer/inner"``), without executing anything from the file. Each
+  layer gets the `semantics` the file says it was saved with (see `kbn_jax._keras_files` for
+  the rule): a tf_keras >= 2.4 file (TF2) gets ``"keras_v2"``, a Keras 3 file ``"keras3"``, a
+  file that cannot tell V1 from V2 gets ``"keras_v1"``, with a warning when that choice matters
+  (a frozen layer, ``trainable=False``).
+
+  Args:
+    path: the model file (or a weights-only file, with `config_path`).
+    config_path: for weights-only files (``save_weights``): the ``.keras``, ``.h5`` model or
+      JSON file holding the model config.
+    **overrides: Module attributes for every layer, e.g. ``semantics="keras_v1"`` (a model
+      built with the explicit V1 class saves exactly like V2) or ``axis_name="batch"``.
+
+  Returns:
+    ``{layer_name: (module, variables)}``: linen `kbn_jax.BatchNormalization` Modules and their
+    ``{"params": ..., "batch_stats": ...}`` (use `kbn_jax.nnx.BatchNormalization.from_linen`
+    for NNX).
+
+  Raises:
+    ValueError: for a corrupted, truncated or mismatched file (naming the file and layer).
+  """
+  layers = {}
+  records = _keras_files.read_batch_norm_layers(path, config_path=config_path)
+  for name, record in records.items():
+    kwargs = dict(overrides)
+    kwargs.setdefault("semantics", record.semantics)
+    if (
+      "semantics" not in overrides and record.ambiguous and record.config.get("trainable") is False
+    ):
+      warnings.warn(
+        f"{path}: layer {name!r} is frozen (trainable=False) and the file cannot say whether it "
+        f"is Keras's V1 or V2 layer ({record.semantics_evidence}); it is loaded with "
+        f"semantics={record.semantics!r}, under which a training call normalizes it with batch "
+        "statistics (V2 and Keras 3 use the moving ones). Pass semantics='keras_v2' (TF2 "
+        "tf.keras) or 'keras_v1' to load_batch_norms to choose.",
+        stacklevel=2,
+      )
+    module = from_keras_config(record.config, **kwargs)
+    shape = record.input_shape
+    if shape is None:
+      shape = _shape_from_weights(module, record.weights)
+    layers[name] = (module, variables_from_keras(module, record.weights, shape))
+  return layers
+
+
+def _shape_from_weights(module: Any, weights: Sequence[Any]) -> tuple[Any, ...]:
+  """An input shape consistent with one-axis weights, when the file recorded none."""
+  weight_shape = tuple(np.shape(weights[-1]))
+  if len(weight_shape) > 1:  # Keras's full-rank parameter shape (several axes, ghost batches)
+    skip = 2 if module.virtual_batch_size is not None else 1
+    return (None,) + weight_shape[skip:]
+  size = weight_shape[0] if weight_shape else 1
+  axis = module.axis if isinstance(module.axis, int) else module.axis[0]
+  rank = max(2, axis + 1 if axis >= 0 else -axis + 1)
+  shape = [None] * rank
+  shape[axis] = size
+  return tuple(shape)
+
+
 def _weights_root(file):
   root = file["model_weights"] if "model_weights" in file else file
   if "layer_names" not in root.attrs:
@@ -617,6 +726,8 @@ def load_keras_h5_weights(path: Any, layer_name: str) -> list[np.ndarray]:
     ImportError: without h5py.
     KeyError: if no layer of that name has weights in the file.
   """
+  if _new_format(path):
+    return _keras_files.read_layer_weights(path, layer_name)
   h5py = _h5py()
   with h5py.File(path, "r") as file:
     root = _weights_root(file)
@@ -666,6 +777,8 @@ def load_keras_h5_config(path: Any, layer_name: str) -> dict[str, Any]:
     ImportError: without h5py.
     KeyError: if the file has no model config or no layer of that name.
   """
+  if _new_format(path):
+    return _keras_files.read_layer_config(path, layer_name)
   h5py = _h5py()
   with h5py.File(path, "r") as file:
     if "model_config" not in file.attrs:
@@ -695,6 +808,7 @@ def _find_layer_config(entry: Any, layer_name: str) -> dict[str, Any] | None:
 
 __all__ = [
   "KERAS_WEIGHT_ORDER",
+  "load_batch_norms",
   "from_keras_config",
   "keras_param_shape",
   "keras_weights_from_variables",

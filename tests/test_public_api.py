@@ -12,6 +12,8 @@ EXPECTED_API = {
   "folding",
   "functional",
   "keras_compat",
+  "nnx",
+  "torch_compat",
   "training",
 }
 
