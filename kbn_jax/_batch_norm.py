@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -274,6 +275,8 @@ def batch_normalization(
     axis_name = config.axis_name
   if axis_index_groups is _FROM_CONFIG:
     axis_index_groups = config.axis_index_groups if axis_name is not None else None
+  else:  # per-call groups get the config's checks
+    _validation.check_axis_index_groups(axis_index_groups, config.virtual_batch_size)
   x = jnp.asarray(x)
   if config.dtype is not None or not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(config.dtype or config.param_dtype)
@@ -590,6 +593,17 @@ def resolve_fused(
   )
 
 
+def _user_stacklevel() -> int:
+  """The `warnings.warn` stacklevel of the first caller outside kbn_jax, Flax and JAX."""
+  level, frame = 2, sys._getframe(2)
+  while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL:
+    frame, level = frame.f_back, level + 1
+  return level
+
+
+_INTERNAL = ("kbn_jax", "flax", "jax")
+
+
 def _checked_mask(config, mask, x, fused):
   if mask is None:
     return None
@@ -597,7 +611,7 @@ def _checked_mask(config, mask, x, fused):
     warnings.warn(
       "Masking is not supported with `fused=True`; the mask is ignored (as in Keras). "
       "Pass fused=False to use padding-aware moments.",
-      stacklevel=4,
+      stacklevel=_user_stacklevel(),
     )
     return None
   if config.virtual_batch_size is not None:

@@ -264,9 +264,9 @@ def _kernel(shape, axes, epsilon, subtract_mean_first, out_dtype, axis_name, axi
     # Per-channel coefficients: dy = a dx + b (x - mean) + c (+ the parameters' terms).
     b = -a * rstd * sum_dx_xhat / count
     c = -a * sum_dx / count
+    if dscale is not None:  # its term dscale x_hat shares the (x - mean) pass
+      b = b + dscale.astype(cdtype) * rstd
     dy = a * dxc + b * (xc - _distinct(mean, a)) + c
-    if dscale is not None:
-      dy = dy + dscale.astype(cdtype) * rstd * (xc - _distinct(mean, -rstd))
     if doffset is not None:
       dy = dy + doffset.astype(cdtype)
     return dy.astype(out_dtype).reshape(x.shape)

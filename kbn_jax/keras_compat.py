@@ -228,7 +228,7 @@ def to_keras_config(module: BatchNormalization) -> dict[str, Any]:
       no Keras equivalent.
   """
   config: dict[str, Any] = {
-    "name": module.name or "batch_normalization",
+    "name": getattr(module, "name", None) or "batch_normalization",
     "trainable": module.trainable,
     "dtype": _dtype_to_keras(module.dtype, module.param_dtype),
     "axis": _axis_to_keras(module.axis, module.virtual_batch_size),

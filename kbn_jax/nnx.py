@@ -155,6 +155,16 @@ class BatchNormalization(nnx.Module):
       module.load_variables(variables)
     return module
 
+  def set_view(self, use_running_average: bool | None = None) -> None:
+    """Sets the mode for ``nnx.view`` (as ``nnx.BatchNorm`` does).
+
+    Args:
+      use_running_average: True for inference, False for training; None leaves it.
+    """
+    if use_running_average is not None:
+      _validation.check_optional_bool("use_running_average", use_running_average)
+      self.use_running_average = use_running_average
+
   def load_variables(self, variables: Mapping[str, Mapping[str, Any]]) -> None:
     """Sets the parameters and statistics from linen-style ``{"params", "batch_stats"}``."""
     for collection, names in (
@@ -257,10 +267,8 @@ def _feature_shape(num_features: Any, config: BatchNormConfig) -> tuple[int, ...
 def _proxy_input_shape(config: BatchNormConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
   """The smallest input shape with the feature sizes on the feature axes (batch on axis 0)."""
   axes = config.axis if isinstance(config.axis, tuple) else (config.axis,)
-  rank = 2
-  while any(a >= rank or a < -rank or a % rank == 0 for a in axes) or len(
-    {a % rank for a in axes}
-  ) < len(axes):
+  rank = max(2, *(a + 1 if a >= 0 else 1 - a for a in axes))
+  while len({a % rank for a in axes}) < len(axes):  # e.g. axis=(1, -1) needs rank 3
     rank += 1
   resolved = sorted(a % rank for a in axes)
   proxy = [1] * rank

@@ -77,3 +77,13 @@ def test_example_runs_quick(script, runs):
   code = run.wait()
   assert code is not None, f"{script.name} --quick did not finish within {TIMEOUT_S} s"
   assert code == 0, f"{script.name} --quick exited with {code}; output:\n{run.output_tail()}"
+
+
+def test_raw_jax_example_imports_neither_flax_nor_optax(runs):
+  """Issue 10 item 2: the raw-JAX example trains through `kbn_jax.functional` alone."""
+  run = runs["raw_jax_train.py"]
+  code = run.wait()
+  output = run.output_tail()
+  assert code == 0, f"raw_jax_train.py --quick exited with {code}; output:\n{output}"
+  assert "imported: flax=False optax=False" in output.splitlines(), output
+  assert "test accuracy" in output
