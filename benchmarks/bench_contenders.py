@@ -34,6 +34,9 @@ MOMENTUM = 0.99
 RENORM_CLIPPING = {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}
 OURS = "kbn_jax"
 PLAIN = "kbn_jax (plain BN)"
+FUNCTIONAL = "kbn_jax (functional)"
+NNX = "kbn_jax (nnx)"
+FLAX_NNX = "nnx.BatchNorm"
 FLOOR = "x*a+b (floor)"
 
 
@@ -144,18 +147,40 @@ def _compile_builder(call, workload, args):
 
 def kbn_jax_contender(config: Config, workload: str, *, plain: bool = False):
   """kbn_jax.BatchNormalization as committed; `plain` drops renorm and ghost batches."""
-  kwargs = {"axis": config.axis, "momentum": MOMENTUM, "epsilon": EPSILON}
-  if not plain:
-    kwargs.update(renorm=config.renorm, virtual_batch_size=config.virtual_batch_size)
-    if config.renorm:
-      kwargs["renorm_clipping"] = RENORM_CLIPPING
-  module = kbn_jax.BatchNormalization(**kwargs)
+  module = kbn_jax.BatchNormalization(**_keras_kwargs(config, plain=plain))
 
   class _Adapter:  # kbn_jax's signature is (x, training); Flax's is (x, use_running_average).
     init = module.init
     apply = module.apply
 
   return _linen_contender(PLAIN if plain else OURS, _Adapter, config, workload)
+
+
+def _keras_kwargs(config: Config, *, plain: bool = False) -> dict:
+  """The Keras arguments of a configuration; `plain` drops renorm and ghost batches."""
+  kwargs = {"axis": config.axis, "momentum": MOMENTUM, "epsilon": EPSILON}
+  if not plain:
+    kwargs.update(renorm=config.renorm, virtual_batch_size=config.virtual_batch_size)
+    if config.renorm:
+      kwargs["renorm_clipping"] = RENORM_CLIPPING
+  return kwargs
+
+
+def functional_contender(config: Config, workload: str):
+  """kbn_jax.functional.batch_normalization under `jax.jit`: the pure function, no Flax."""
+  from kbn_jax import functional  # noqa: PLC0415
+
+  bn_config = functional.BatchNormConfig(**_keras_kwargs(config))
+  x, ct = inputs(config.shape)
+  params, stats = functional.init_variables(bn_config, jax.random.key(0), config.shape)
+
+  def call(params, x, stats, training):
+    return functional.batch_normalization(x, params, stats, bn_config, training=training)
+
+  compiled = jax.jit(_workload_fn(call, workload))
+  return Contender(FUNCTIONAL, lambda: compiled(params, stats, x, ct)), _compile_builder(
+    call, workload, (params, stats, x, ct)
+  )
 
 
 def flax_contender(config: Config, workload: str, *, fast_variance: bool):
@@ -178,6 +203,90 @@ def flax_contender(config: Config, workload: str, *, fast_variance: bool):
 
   name = "flax" if fast_variance else "flax (two-pass)"
   return _linen_contender(name, _Adapter, config, workload)
+
+
+# --------------------------------------------------------------------------------------------
+# Flax NNX modules: kbn_jax.nnx.BatchNormalization and flax.nnx.BatchNorm, inside nnx.jit
+
+
+def kbn_nnx_available() -> bool:
+  return importlib.util.find_spec("kbn_jax.nnx") is not None
+
+
+def _nnx_contender(name, model, call, config: Config, workload: str):
+  """Times an NNX batch-norm module under `nnx.jit`; `call(model, x, training)` runs it.
+
+  The training step differentiates the module's parameters and the input with `jax.vjp` (a
+  fixed output cotangent) through `nnx.split`/`nnx.merge`, and writes the new statistics back
+  with `nnx.update`, the usual NNX training-step pattern. Compile times and HLO traffic come
+  from the same step as a pure function under `jax.jit`.
+  """
+  from flax import nnx  # noqa: PLC0415
+
+  x, ct = inputs(config.shape)
+
+  def pure_step(graphdef, params, rest, x, ct):
+    def forward(params, x):
+      module = nnx.merge(graphdef, params, rest, copy=True)
+      return call(module, x, True), nnx.state(module, nnx.BatchStat)
+
+    y, vjp, new_stats = jax.vjp(forward, params, x, has_aux=True)
+    return y, vjp(ct), new_stats
+
+  if workload == "infer":
+    step = nnx.jit(lambda model, x, ct: call(model, x, False))
+  elif workload == "train_fwd":
+    step = nnx.jit(lambda model, x, ct: call(model, x, True))
+  else:
+
+    @nnx.jit
+    def step(model, x, ct):
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      y, grads, new_stats = pure_step(graphdef, params, rest, x, ct)
+      nnx.update(model, new_stats)
+      return y, grads
+
+  build = None
+  if workload == "train_step":
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def build():
+      fresh = functools.partial(lambda *a: pure_step(*a), graphdef)
+      return lambda: jax.jit(fresh).lower(params, rest, x, ct).compile()
+
+  return Contender(name, lambda: step(model, x, ct)), build
+
+
+def kbn_nnx_contender(config: Config, workload: str):
+  """kbn_jax.nnx.BatchNormalization (skipped, with a note from `contenders`, if absent)."""
+  if not kbn_nnx_available():
+    return None, None
+  from flax import nnx  # noqa: PLC0415
+
+  import kbn_jax.nnx  # noqa: PLC0415
+
+  model = kbn_jax.nnx.BatchNormalization(config.channels, **_keras_kwargs(config), rngs=nnx.Rngs(0))
+  return _nnx_contender(
+    NNX, model, lambda m, x, training: m(x, training=training), config, workload
+  )
+
+
+def flax_nnx_contender(config: Config, workload: str):
+  """flax.nnx.BatchNorm (the default fast variance), mode given per call."""
+  if config.variant:
+    return None, None
+  from flax import nnx  # noqa: PLC0415
+
+  model = nnx.BatchNorm(
+    config.channels, axis=config.axis, momentum=MOMENTUM, epsilon=EPSILON, rngs=nnx.Rngs(0)
+  )
+  return _nnx_contender(
+    FLAX_NNX,
+    model,
+    lambda m, x, training: m(x, use_running_average=not training),
+    config,
+    workload,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +406,9 @@ def contenders(config: Config, workload: str, *, plain_refs: bool = True):
   """
   builders = [
     lambda: kbn_jax_contender(config, workload),
+    lambda: functional_contender(config, workload),
+    lambda: kbn_nnx_contender(config, workload),
+    lambda: flax_nnx_contender(config, workload),
     lambda: flax_contender(config, workload, fast_variance=True),
     lambda: flax_contender(config, workload, fast_variance=False),
     lambda: keras3_contender(config, workload),
@@ -359,13 +471,17 @@ def activation_traffic(hlo_text: str, size: int) -> tuple[int, int]:
 
 __all__ = [
   "CONFIGS",
+  "FLAX_NNX",
   "FLOOR",
+  "FUNCTIONAL",
+  "NNX",
   "OURS",
   "PLAIN",
   "WORKLOADS",
   "Config",
   "activation_traffic",
   "contenders",
+  "kbn_nnx_available",
   "keras3_available",
   "tf_keras_available",
 ]

@@ -2,15 +2,29 @@
 
 Usage::
 
-  KERAS_BACKEND=jax python benchmarks/run.py            # everything (a few minutes on 2 cores)
+  KERAS_BACKEND=jax python benchmarks/run.py            # everything (about 15 minutes on 2 cores)
   python benchmarks/run.py --quick                      # 3 configurations, fewer repeats
   python benchmarks/run.py --shapes nhwc_64x32x32x64,dense_256x1024
+  python benchmarks/run.py --tf-python /path/to/tf-venv/bin/python   # TF in its own processes
   python benchmarks/run.py --output /tmp/results.md     # default: benchmarks/results.md
 
-All contenders of one configuration and workload are timed interleaved in this one process (see
-`_timing.py`); the tables report medians and ratios of medians. Keras 3 is included when
-``KERAS_BACKEND=jax`` is set before the run and ``keras`` 3 is installed; tf_keras when it is
-importable.
+Four parts:
+
+1. Per layer configuration and workload, every contender timed interleaved in this one process
+   (see `_timing.py`): kbn_jax's linen Module, the pure `kbn_jax.functional.batch_normalization`,
+   `kbn_jax.nnx.BatchNormalization` (if present) and `flax.nnx.BatchNorm` under `nnx.jit`,
+   `flax.linen.BatchNorm`, Keras 3 (when ``KERAS_BACKEND=jax`` and keras 3 is installed), tf_keras
+   (when importable here) and the ``x * a + b`` floor. This process first calls
+   `kbn_jax.cpu.tune_malloc()` (``--default-malloc`` to skip), so every JAX contender reuses
+   heap memory instead of page-faulting on fresh mmaps.
+2. A model-level step (`bench_model.py`): an 8-layer conv net with kbn_jax, Flax or no BN; time
+   ratios and the compiled step's temporary memory.
+3. kbn_jax against tf_keras's fused V1 kernel (oneDNN on), each in its own fresh process under
+   both glibc allocator settings (`bench_processes.py`); TensorFlow runs under ``--tf-python``
+   (or ``$KBN_TF_PYTHON``, or this interpreter if it has tf_keras).
+4. The targets of design.md, as ratios of medians.
+
+The tables report medians and ratios of medians.
 """
 
 from __future__ import annotations
@@ -30,8 +44,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_contenders as bc  # noqa: E402
+import bench_model  # noqa: E402
+import bench_processes  # noqa: E402
 import jax  # noqa: E402
 from _timing import format_seconds, time_compile, time_interleaved  # noqa: E402
+
+import kbn_jax.cpu  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 QUICK = ("nhwc_64x32x32x64", "dense_256x1024", "renorm_64x32x32x64")
@@ -46,10 +64,18 @@ OURS = bc.OURS
 
 def main(argv=None) -> int:
   args = _parse(argv)
+  args.malloc_tuned = (not args.default_malloc) and kbn_jax.cpu.tune_malloc()
   configs = _select(args)
   repeats = 3 if args.quick else args.repeats
   results = {}  # (config, workload) -> {name: Timing}; (config, "traffic") -> {name: (r, w)}
   print(_header())
+  print(f"allocator (this process): {_allocator(args)}")
+  if not bc.kbn_nnx_available():
+    print(f"note: kbn_jax.nnx is not importable; the `{bc.NNX}` rows are skipped.")
+  if not bc.keras3_available():
+    print("note: Keras 3 (JAX backend) is not available; its rows are skipped.")
+  if not bc.tf_keras_available():
+    print("note: tf_keras is not importable here; TF appears only in the fresh-process part.")
   for config in configs:
     for workload in bc.WORKLOADS:
       contenders, compiles = bc.contenders(config, workload)
@@ -61,6 +87,36 @@ def main(argv=None) -> int:
         _print_row(config.name, "compile", results[config.name, "compile"])
         results[config.name, "traffic"] = _traffic(compiles, math.prod(config.shape))
         print(f"{config.name:22s} traffic    {_traffic_cells(results[config.name, 'traffic'])}")
+  if not args.no_model:
+    print("\nmodel-level step (8-layer conv net):")
+    results["model"] = bench_model.run(
+      repeats=3 if args.quick else args.repeats, target_s=0.1 if args.quick else 0.2
+    )
+    print(bench_model.summary(*results["model"]))
+  if not args.no_processes:
+    process_configs = {
+      c.name: bench_processes.FUSED_CONFIGS[c.name]
+      for c in configs
+      if c.name in bench_processes.FUSED_CONFIGS
+    }
+    if process_configs:
+      tf_python = bench_processes.tf_python(args.tf_python)
+      print(
+        "\nfresh processes, both allocators"
+        + ("" if tf_python else " (no TensorFlow interpreter: kbn_jax only)")
+        + ":"
+      )
+      rounds = 1 if args.quick else args.rounds
+      results["processes"] = (
+        bench_processes.run(
+          tf_interpreter=tf_python,
+          configs=process_configs,
+          rounds=rounds,
+          repeats=3 if args.quick else args.repeats,
+        ),
+        process_configs,
+        rounds,
+      )
   report = _report(results, configs, args)
   Path(args.output).write_text(report)
   print(f"\nwrote {args.output}")
@@ -97,6 +153,19 @@ def _parse(argv):
   parser.add_argument(
     "--no-compile", action="store_true", help="skip compile times and HLO traffic counts"
   )
+  parser.add_argument("--no-model", action="store_true", help="skip the conv-net step")
+  parser.add_argument(
+    "--no-processes", action="store_true", help="skip the fresh-process TF comparison"
+  )
+  parser.add_argument("--tf-python", help="interpreter with tensorflow and tf_keras")
+  parser.add_argument(
+    "--rounds", type=int, default=5, help="fresh processes per contender and allocator"
+  )
+  parser.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="do not call kbn_jax.cpu.tune_malloc() in this process",
+  )
   parser.add_argument("--output", default=str(HERE / "results.md"))
   args = parser.parse_args(argv)
   if args.list:
@@ -113,6 +182,15 @@ def _select(args):
   if unknown:
     raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(names)}")
   return [names[n] for n in wanted]
+
+
+def _allocator(args) -> str:
+  env = {k: os.environ[k] for k in bench_processes.TUNED_ENV if k in os.environ}
+  if args.malloc_tuned:
+    return "glibc thresholds raised by `kbn_jax.cpu.tune_malloc()`"
+  if env:
+    return "glibc thresholds from the environment: " + " ".join(f"{k}={v}" for k, v in env.items())
+  return "glibc malloc as is (`--default-malloc`)"
 
 
 def _print_row(config, workload, timings):
@@ -163,23 +241,43 @@ def _report(results, configs, args) -> str:
     f"Generated by `python benchmarks/run.py{' --quick' if args.quick else ''}` on "
     f"{datetime.date.today().isoformat()}.",
     "",
-    f"- CPU: {_cpu_model()} ({os.cpu_count()} cores visible)",
+    f"- CPU: {_cpu_model()} ({os.cpu_count()} cores visible); load average at the start "
+    f"{os.getloadavg()[0]:.1f} (other processes on the machine slow multi-threaded kernels "
+    "unevenly: compare ratios within a table, not absolute times across runs)",
     f"- JAX devices: {', '.join(str(d) for d in jax.devices())}",
     f"- Versions: {_versions()}",
     f"- Timing: warm-up (compilation) first, then {3 if args.quick else args.repeats} "
     "interleaved samples per contender of about "
     f"{args.target_s * 1e3:.0f} ms each; medians. Ratios are medians divided by the median of "
-    f"`{OURS}` (the layer as committed) in the same interleaved group (below 1: faster than "
-    f"`{OURS}`). `{bc.PLAIN}` is the same layer without renorm or ghost batches.",
+    f"`{OURS}` (the linen Module) in the same interleaved group (below 1: faster than "
+    f"`{OURS}`). `{bc.PLAIN}` is the same layer without renorm or ghost batches; "
+    f"`{bc.FUNCTIONAL}` is `kbn_jax.functional.batch_normalization` under `jax.jit`; "
+    f"`{bc.NNX}` and `{bc.FLAX_NNX}` run under `nnx.jit` (training step: `nnx.split`, "
+    "`jax.vjp`, `nnx.update`).",
+    f"- Allocator of this process: {_allocator(args)}.",
     "- float32 inputs; momentum 0.99, epsilon 1e-3 everywhere; renorm clipping "
     f"{bc.RENORM_CLIPPING}; ghost batches of 16.",
-    "",
   ]
+  if not bc.kbn_nnx_available():
+    lines.append(f"- `kbn_jax.nnx` was not importable: no `{bc.NNX}` column.")
+  if not bc.keras3_available():
+    lines.append("- Keras 3 (JAX backend) was not installed: no `keras3 (jax)` column.")
+  if not bc.tf_keras_available():
+    lines.append(
+      "- tf_keras was not importable in this interpreter: TensorFlow is compared in the "
+      "fresh-process section only."
+    )
+  lines.append("")
   for workload in (*bc.WORKLOADS, "compile"):
     lines += _timing_table(
       TITLES[workload], [(c, results.get((c.name, workload))) for c in configs]
     )
   lines += _traffic_table([(c, results.get((c.name, "traffic"))) for c in configs])
+  if "model" in results:
+    lines += bench_model.markdown(*results["model"])
+  if "processes" in results:
+    medians, process_configs, rounds = results["processes"]
+    lines += bench_processes.markdown(medians, process_configs, rounds)
   lines += _targets(results, configs)
   return "\n".join(lines) + "\n"
 
@@ -255,7 +353,9 @@ def _checks(results, config):
       yield f"train step: `{rival}` / `{OURS}` >= {goal}", r, r is not None and r >= goal
     step = results.get((config.name, "train_step"), {})
     tf_keras = "tf_keras V1 (fused)" if "tf_keras V1 (fused)" in step else "tf_keras V1"
-    for rival in ("keras3 (jax)", tf_keras):
+    # Without tf_keras in this interpreter, TF is checked in fresh processes only.
+    rivals = ("keras3 (jax)", tf_keras) if bc.tf_keras_available() else ("keras3 (jax)",)
+    for rival in rivals:
       r = ratio("train_step", rival, OURS)
       yield f"train step: `{rival}` / `{OURS}` > 1", r, r is not None and r > 1.0
     r = ratio("train_fwd", OURS, "flax", "flax (two-pass)")
@@ -263,13 +363,62 @@ def _checks(results, config):
     r = ratio("compile", OURS, "flax")
     if r is not None:
       yield f"compile: `{OURS}` / `flax` <= 1.0", r, r <= 1.0
+    r = ratio("train_step", bc.FLAX_NNX, bc.NNX)
+    yield f"train step: `{bc.FLAX_NNX}` / `{bc.NNX}` > 1", r, r is not None and r > 1.0
+    r = ratio("infer", bc.NNX, bc.FLOOR)
+    yield (
+      f"infer: `{bc.NNX}` (with `nnx.jit`'s per-call cost) / `{bc.FLOOR}` <= 1.05",
+      r,
+      r is not None and r <= 1.05,
+    )
+  r = ratio("train_step", bc.FUNCTIONAL, OURS)
+  yield f"train step: `{bc.FUNCTIONAL}` / `{OURS}` <= 1.05", r, r is not None and r <= 1.05
   r = ratio("infer", OURS, bc.FLOOR)
   yield f"infer: `{OURS}` / `{bc.FLOOR}` <= 1.05", r, r is not None and r <= 1.05
+  r = ratio("infer", bc.FUNCTIONAL, bc.FLOOR)
+  yield f"infer: `{bc.FUNCTIONAL}` / `{bc.FLOOR}` <= 1.05", r, r is not None and r <= 1.05
+  yield from _process_checks(results, config)
+
+
+def _process_checks(results, config):
+  """TF's fused kernel against kbn_jax, fresh processes: the tuned allocator is the target."""
+  if "processes" not in results:
+    return
+  medians, process_configs, _ = results["processes"]
+  if config.name not in process_configs or (bench_processes.TF, "tuned") not in medians:
+    return
+  for allocator in bench_processes.ALLOCATORS:
+    r = (
+      medians[bench_processes.TF, allocator][config.name]
+      / medians[bench_processes.KBN, allocator][config.name]
+    )
+    target = allocator == "tuned"
+    yield (
+      f"train step, fresh processes, {allocator} malloc: TF fused (oneDNN) / `{OURS}` "
+      + ("> 1" if target else "(reported)"),
+      r,
+      r > 1.0 if target else True,
+    )
+
+
+def _model_checks(results):
+  if "model" not in results:
+    return
+  timings, model = results["model"]
+  extra = model["kbn_jax"].temp_bytes - model["no BN"].temp_bytes
+  yield (
+    f"conv net: temp memory `kbn_jax` - no BN <= 4 KiB (per-channel vectors; {extra:+d} B)",
+    model["kbn_jax"].temp_bytes / model["no BN"].temp_bytes,
+    extra <= 4096,
+  )
+  r = timings["flax"].median / timings["kbn_jax"].median
+  yield "conv net: step `flax` / `kbn_jax` > 1", r, r > 1.0
 
 
 def _targets(results, configs):
   """The issue's targets, each as a ratio of medians and a verdict ("not measured" fails)."""
   checks = [(config.name, *check) for config in configs for check in _checks(results, config)]
+  checks += [("model", *check) for check in _model_checks(results)]
   held = sum(ok for *_, ok in checks)
   lines = [
     "## Targets",
