@@ -363,6 +363,7 @@ class _TrainingStep:
       local_size = self._local_ghost_size(batch_size) if global_ghosts else None
       ghost_size = config.virtual_batch_size if local_size is None else local_size
       _validation.check_ghost_batch_size(config.virtual_batch_size, batch_size, local_size)
+      _check_explicit_batch_sharding(x, ghost_size)
       x = math_ops.split_ghost_batches(x, ghost_size)
       feature_axes = tuple(a + 1 for a in feature_axes)
     ndim = x.ndim
@@ -651,6 +652,31 @@ def _call_adjustment(adjustment, shape, key):
     value = value.astype(math_ops.reduction_dtype(value.dtype))
     results.append(value.reshape((1,) * (len(shape) - value.ndim) + value.shape))
   return tuple(results)
+
+
+def _check_explicit_batch_sharding(x: jax.Array, ghost_size: int) -> None:
+  """Raises where sharded `jit` on an Explicit mesh cannot lay out Keras's ghost batches.
+
+  Keras's ghost batch ``j`` takes every ``B / vbs``-th sample; that reshape keeps a batch split
+  into ``n`` contiguous shards only when ``n`` divides `ghost_size`. JAX then refuses it on a mesh
+  with Explicit axes (an Auto mesh gathers the activations instead).
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  shards = math.prod(sharding.mesh.shape[name] for name in names)
+  if shards > 1 and ghost_size % shards:
+    raise ValueError(
+      f"`virtual_batch_size`={ghost_size} is not a multiple of the {shards} shards of the batch "
+      f"(axis 0 is sharded over {names} of an Explicit mesh), so Keras's strided ghost batches "
+      f"would mix shards and JAX cannot lay them out. Use a `virtual_batch_size` that is a "
+      f"multiple of {shards} (then `jax.shard_map` with `axis_name` and "
+      "`ghost_batch_scope='global'` gives the same numbers too); or a mesh with `AxisType.Auto` "
+      "axes, which gathers the activations to lay them out; or `jax.shard_map` with the default "
+      "`ghost_batch_scope='device'`, which splits each device's batch instead."
+    )
 
 
 def _check_axis_name_bound(axis_name, api) -> None:

@@ -277,6 +277,8 @@ def check_ghost_batch_size(
       each device holds (``virtual_batch_size`` divided by the device count).
   """
   divisor = virtual_batch_size if local_ghost_size is None else local_ghost_size
+  if batch_size % divisor == 0:  # also true of a symbolic batch declared as a multiple
+    return
   if not isinstance(batch_size, int):
     raise ValueError(
       f"`virtual_batch_size`={virtual_batch_size} must divide the batch size, but the batch "
@@ -284,8 +286,6 @@ def check_ghost_batch_size(
       f"a concrete batch size, or declare the batch a multiple of {divisor}, e.g. "
       f'`jax.export.symbolic_shape("{divisor}*k, ...")`.'
     )
-  if batch_size % divisor == 0:
-    return
   if local_ghost_size is None:
     raise ValueError(
       f"`virtual_batch_size`={virtual_batch_size} must divide the batch size {batch_size}; "

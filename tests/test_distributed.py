@@ -678,3 +678,88 @@ def test_pmap_matches_one_device(case):
     _assert_identical_rows(history[s]["batch_stats"])
     got = {**history[s], "batch_stats": jax.tree.map(lambda a: a[0], history[s]["batch_stats"])}
     _assert_close(got, expected[s], TOLERANCE["float32"], f"step {s}: ")
+
+
+# --------------------------------------------------------------------------------------------
+# Ghost-batch scope (issue 13): "global" equals one device everywhere; "device" does not
+# --------------------------------------------------------------------------------------------
+
+GLOBAL_GHOST_CASES = tuple(
+  Case(f"ghost_global_{vbs}", {"virtual_batch_size": vbs, "ghost_batch_scope": "global"}, shape)
+  for vbs, shape in ((8, (32, 3, 5)), (16, (64, 5)), (32, (64, 2, 3)))
+)
+
+
+@pytest.mark.parametrize("case", GLOBAL_GHOST_CASES, ids=lambda c: c.name)
+def test_global_ghost_scope_under_shard_map_equals_one_device(case):
+  sharded, hlo = _run_shard_map(case)
+  expected = _single_device(case)
+  for s in range(STEPS):
+    _assert_identical_rows(sharded[s]["batch_stats"])
+    got = {**sharded[s], "batch_stats": jax.tree.map(lambda a: a[0], sharded[s]["batch_stats"])}
+    _assert_close(got, expected[s], TOLERANCE["float32"], what=f"step {s}: ")
+  # One small collective of per-ghost-batch partials; no activation moves.
+  features = math.prod(expected[0]["batch_stats"]["moving_mean"].shape)
+  ghosts = case.shape[0] // case.config["virtual_batch_size"]
+  for collective in _collectives(hlo):
+    assert collective.elements <= 4 * NUM_DEVICES * features * ghosts, collective
+
+
+@pytest.mark.parametrize("case", GLOBAL_GHOST_CASES[:1], ids=lambda c: c.name)
+def test_global_ghost_scope_under_pmap_equals_one_device(case):
+  history = _run_pmap(case)
+  expected = _single_device(case)
+  for s in range(STEPS):
+    _assert_identical_rows(history[s]["batch_stats"])
+    got = {**history[s], "batch_stats": jax.tree.map(lambda a: a[0], history[s]["batch_stats"])}
+    _assert_close(got, expected[s], TOLERANCE["float32"], f"step {s}: ")
+
+
+def test_device_ghost_scope_differs_from_one_device_on_ordered_data():
+  """The default splits each device's own batch (Keras under tf.distribute): other numbers."""
+  case = Case("ghost_device", {"virtual_batch_size": 8}, (32, 3, 5))
+  sharded, _ = _run_shard_map(case)
+  expected = _single_device(case)
+  with pytest.raises(AssertionError, match="max difference"):
+    _assert_close(sharded[0]["y"], expected[0]["y"], 1e-3)
+
+
+def test_global_ghost_scope_needs_a_multiple_of_the_device_count():
+  case = Case("ghost_bad", {"virtual_batch_size": 4, "ghost_batch_scope": "global"}, (32, 5))
+  with pytest.raises(ValueError, match=r"multiple of the 8 devices.*ghost_batch_scope='device'"):
+    _run_shard_map(case)
+
+
+@pytest.mark.parametrize("virtual_batch_size", [2, 6])
+def test_sharded_jit_ghost_batches_on_an_explicit_mesh(virtual_batch_size):
+  """A ghost batch that mixes shards: a clear error on an Explicit mesh, and an Auto mesh works
+  (it gathers); a multiple of the device count works on both (SHARDED_JIT_CASES)."""
+  case = Case("ghost_explicit", {"virtual_batch_size": virtual_batch_size}, (48, 5))
+  step = jax.jit(_local_step(case.layer()))
+  explicit = jax.make_mesh((4,), (AXIS,), devices=jax.devices()[:4])
+  put = _sharded_jit_putter(explicit, P(AXIS))
+  with pytest.raises(ValueError, match=r"not a multiple of the 4 shards.*AxisType\.Auto"):
+    _run(step, _initial_variables(case), _data(case), put)
+  auto = jax.make_mesh(
+    (4,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4]
+  )
+  history = _run(step, _initial_variables(case), _data(case), _sharded_jit_putter(auto, P(AXIS)))
+  expected = _single_device(case)
+  for s in range(STEPS):
+    _assert_close(history[s], expected[s], TOLERANCE["float32"], f"step {s}: ")
+
+
+def test_symbolic_batch_export_of_ghost_batches_says_how():
+  layer = kbn_jax.BatchNormalization(virtual_batch_size=2)
+  variables = layer.init(jax.random.key(0), np.zeros((4, 3), np.float32))
+  (batch,) = jax.export.symbolic_shape("b")
+  spec = jax.ShapeDtypeStruct((batch, 3), jnp.float32)
+  step = jax.jit(lambda v, x: layer.apply(v, x, training=True, mutable=["batch_stats"]))
+  with pytest.raises(ValueError, match=r"batch size is symbolic.*symbolic_shape\(\"2\*k"):
+    jax.export.export(step)(variables, spec)
+  (batch,) = jax.export.symbolic_shape("2*k")
+  exported = jax.export.export(step)(variables, jax.ShapeDtypeStruct((batch, 3), jnp.float32))
+  y, _ = exported.call(variables, np.arange(24.0, dtype=np.float32).reshape(8, 3))
+  np.testing.assert_allclose(
+    y, step(variables, np.arange(24.0, dtype=np.float32).reshape(8, 3))[0], rtol=1e-6, atol=1e-6
+  )
