@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = (
   "BatchNormalization",
   "diagnostics",
+  "flax_compat",
   "folding",
   "functional",
   "keras_compat",
@@ -21,7 +22,15 @@ __all__ = (
   "training",
 )
 
-_LAZY_MODULES = ("diagnostics", "folding", "keras_compat", "nnx", "torch_compat", "training")
+_LAZY_MODULES = (
+  "diagnostics",
+  "flax_compat",
+  "folding",
+  "keras_compat",
+  "nnx",
+  "torch_compat",
+  "training",
+)
 
 
 def __getattr__(name: str):

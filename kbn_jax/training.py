@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from kbn_jax import _keras_identifiers, constraints, keras_compat, regularizers
 from kbn_jax.layers import BatchNormalization
@@ -60,17 +61,18 @@ _AFFINE = ("gamma", "beta")
 
 @dataclasses.dataclass(frozen=True)
 class BatchNormSite:
-  """A `kbn_jax.BatchNormalization` inside a model.
+  """A kbn_jax batch-norm layer (linen or NNX) inside a model.
 
   Attributes:
     path: the Module's scope path, which is also the path of its variables inside each
       collection (``params[path...]["gamma"]``); ``()`` when the model is the layer itself.
-    module: the layer's configuration (an unbound clone).
-    input_shape: the shape of the sample input the layer saw.
+    module: the layer's configuration (an unbound clone), or the NNX layer itself.
+    input_shape: the shape of the sample input the layer saw (for NNX, the smallest input
+      shape that holds its feature axes).
   """
 
   path: tuple[str, ...]
-  module: BatchNormalization
+  module: Any
   input_shape: tuple[int, ...]
 
   @property
@@ -86,14 +88,17 @@ def find_batch_norms(
   method: Callable[..., Any] | str | None = None,
   **kwargs: Any,
 ) -> tuple[BatchNormSite, ...]:
-  """Finds every `kbn_jax.BatchNormalization` a model calls, by tracing ``model.init`` once.
+  """Finds every kbn_jax batch-norm layer of a model (linen or NNX).
 
-  The trace is abstract (`jax.eval_shape`): nothing is computed or allocated. Layers reached
-  through lifted transforms that add axes to their variables (``nn.scan``, ``nn.vmap``) are
-  found, but the helpers below reject their stacked variables.
+  For a linen model, by tracing ``model.init`` once; the trace is abstract (`jax.eval_shape`):
+  nothing is computed or allocated. Layers reached through lifted transforms that add axes to
+  their variables (``nn.scan``, ``nn.vmap``) are found, but the helpers below reject their
+  stacked variables. For an NNX model (`kbn_jax.nnx.BatchNormalization` layers), by walking its
+  graph: no sample input is needed, and the paths are those of ``nnx.state(model, nnx.Param)``
+  (what ``nnx.Optimizer`` hands its optax transformation).
 
   Args:
-    model: any Flax linen Module.
+    model: any Flax linen Module, or an NNX Module.
     *args: sample inputs for ``model.init`` (arrays or `jax.ShapeDtypeStruct`; other values,
       such as a ``train`` flag, are passed as they are).
     rngs: the ``rngs`` of ``model.init`` (default: a fixed key for ``"params"``).
@@ -103,6 +108,8 @@ def find_batch_norms(
   Returns:
     One `BatchNormSite` per layer, in the order of their first call.
   """
+  if isinstance(model, nnx.Module):
+    return _nnx_sites(model)
   sites: dict[tuple[str, ...], BatchNormSite] = {}
 
   def interceptor(next_fun, call_args, call_kwargs, context):
@@ -128,6 +135,18 @@ def find_batch_norms(
   with nn.intercept_methods(interceptor):
     jax.eval_shape(init, *(leaves[i] for i in traced))
   return tuple(sites.values())
+
+
+def _nnx_sites(model: nnx.Module) -> tuple[BatchNormSite, ...]:
+  """The `kbn_jax.nnx.BatchNormalization` layers of an NNX model, by graph path."""
+  from kbn_jax import nnx as kbn_nnx  # noqa: PLC0415 (kbn_jax.nnx is loaded on demand)
+
+  sites = []
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, kbn_nnx.BatchNormalization):
+      shape = kbn_nnx._proxy_input_shape(node.config, node.num_features)
+      sites.append(BatchNormSite(tuple(str(p) for p in path), node, shape))
+  return tuple(sites)
 
 
 def _is_array(value: Any) -> bool:

@@ -164,3 +164,43 @@ def test_errors_speak_nnx():
     kbn_jax.nnx.BatchNormalization(3, use_bias=False, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"`momentum`=2"):
     kbn_jax.nnx.BatchNormalization(3, momentum=2, rngs=nnx.Rngs(0))
+
+
+def test_training_helpers_work_on_nnx_models():
+  """Penalties, constraints and frozen layers (kbn_jax.training) with nnx.Optimizer."""
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.bn = kbn_jax.nnx.BatchNormalization(
+        4, gamma_regularizer="l2", gamma_constraint="non_neg", rngs=rngs
+      )
+      self.frozen = kbn_jax.nnx.BatchNormalization(4, trainable=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.frozen(self.bn(self.dense(x))) * self.dense.kernel[0, 0]
+
+  model = Model(nnx.Rngs(0))
+  sites = kbn_jax.training.find_batch_norms(model)
+  assert [site.path for site in sites] == [("bn",), ("frozen",)]
+  penalty = kbn_jax.training.regularization_penalty(nnx.state(model, nnx.Param), sites)
+  np.testing.assert_allclose(penalty, 0.01 * 4, rtol=1e-6)  # Keras's l2: 0.01 * sum(gamma**2)
+  tx = kbn_jax.training.keras_optimizer(optax.sgd(5.0), sites)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  frozen_gamma = model.frozen.gamma[...]
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss(m):
+      params = nnx.state(m, nnx.Param)
+      return jnp.mean(m(x)) + 10 * kbn_jax.training.regularization_penalty(params, sites)
+
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads)
+
+  for _ in range(3):
+    step(model, optimizer)
+  np.testing.assert_array_equal(model.frozen.gamma[...], frozen_gamma)  # frozen: untouched
+  assert np.all(model.bn.gamma[...] >= 0)  # the non_neg constraint held after big steps
+  assert not np.allclose(model.bn.gamma[...], 1.0)

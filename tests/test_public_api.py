@@ -9,6 +9,7 @@ import kbn_jax
 EXPECTED_API = {
   "BatchNormalization",
   "diagnostics",
+  "flax_compat",
   "folding",
   "functional",
   "keras_compat",
