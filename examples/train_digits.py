@@ -4,12 +4,15 @@
     python examples/train_digits.py --bn renorm     # batch renormalization with clipping warm-up
     python examples/train_digits.py --bn ghost      # ghost batches of 8
     python examples/train_digits.py --bn none       # no normalization, for comparison
+    python examples/train_digits.py --api nnx       # the same CNN in Flax NNX
 
 The model (``examples/_common.py``) is ``(conv -> kbn_jax.BatchNormalization -> relu) x 2 ->
 dense``. The jitted train step calls it with ``training=True`` and
 ``mutable=["batch_stats"]``, which returns the updated moving statistics; the test accuracy is
-measured in inference, with the moving statistics. The data is scikit-learn's bundled digits, so
-nothing is downloaded.
+measured in inference, with the moving statistics. With ``--api nnx`` the model is written in
+Flax NNX (``examples/_nnx_model.py``) with `kbn_jax.nnx.BatchNormalization`, trained with
+``nnx.Optimizer`` and ``nnx.jit``, the mode set by ``model.train()`` / ``model.eval()``. The data
+is scikit-learn's bundled digits, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from _common import BN_CHOICES, CNN, Trainer, fit, load_digits, renorm_warmup
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--bn", choices=BN_CHOICES, default="keras_v1", help="normalization")
+  parser.add_argument("--api", choices=("linen", "nnx"), default="linen", help="Flax API")
   parser.add_argument("--epochs", type=int, default=8)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -38,15 +42,17 @@ def main(argv: list[str] | None = None) -> float:
   data = load_digits()
   epochs = 1 if args.quick else args.epochs
   print(
-    f"bn={args.bn}: {len(data.x_train)} training and {len(data.x_test)} test images, "
+    f"bn={args.bn} ({args.api}): {len(data.x_train)} training and {len(data.x_test)} test images, "
     f"batch {args.batch_size}, {epochs} epochs"
   )
-  trainer = Trainer(
-    CNN(bn=args.bn),
-    learning_rate=args.learning_rate,
-    # Batch renorm's warm-up of the clipping bounds, as traced values (no recompilation).
-    clipping_schedule=functools.partial(renorm_warmup, hold_steps=20),
-  )
+  # Batch renorm's warm-up of the clipping bounds, as traced values (no recompilation).
+  schedule = functools.partial(renorm_warmup, hold_steps=20)
+  if args.api == "nnx":
+    from _nnx_model import NnxTrainer  # noqa: PLC0415 (loads flax.nnx only when asked)
+
+    trainer = NnxTrainer(args.bn, args.learning_rate, schedule)
+  else:
+    trainer = Trainer(CNN(bn=args.bn), learning_rate=args.learning_rate, clipping_schedule=schedule)
   _, test_accuracy = fit(
     trainer,
     data,

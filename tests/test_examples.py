@@ -25,13 +25,13 @@ TIMEOUT_S = 300
 class _Run:
   """One example started in the background, its combined output going to a log file."""
 
-  def __init__(self, script: Path, workdir: Path):
+  def __init__(self, script: Path, workdir: Path, extra_args: tuple[str, ...] = ()):
     self.script = script
     self.log_path = workdir / "output.log"
     self._log = self.log_path.open("w")
     env = dict(os.environ, MPLBACKEND="Agg")
     self.process = subprocess.Popen(
-      [sys.executable, str(script), "--quick"],
+      [sys.executable, str(script), "--quick", *extra_args],
       cwd=workdir,
       env=env,
       stdin=subprocess.DEVNULL,
@@ -62,6 +62,10 @@ class _Run:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   started = {p.name: _Run(p, tmp_path_factory.mktemp(p.stem)) for p in EXAMPLES}
+  nnx_digits = EXAMPLES_DIR / "train_digits.py"
+  started["train_digits.py --api nnx"] = _Run(
+    nnx_digits, tmp_path_factory.mktemp("train_digits_nnx"), ("--api", "nnx")
+  )
   yield started
   for run in started.values():
     run.stop()
@@ -87,3 +91,12 @@ def test_raw_jax_example_imports_neither_flax_nor_optax(runs):
   assert code == 0, f"raw_jax_train.py --quick exited with {code}; output:\n{output}"
   assert "imported: flax=False optax=False" in output.splitlines(), output
   assert "test accuracy" in output
+
+
+def test_digits_example_trains_with_nnx(runs):
+  """Issue 11 item 7: the same CNN in Flax NNX (`kbn_jax.nnx.BatchNormalization`)."""
+  run = runs["train_digits.py --api nnx"]
+  code = run.wait()
+  output = run.output_tail()
+  assert code == 0, f"train_digits.py --quick --api nnx exited with {code}; output:\n{output}"
+  assert "(nnx)" in output and "test accuracy" in output, output
