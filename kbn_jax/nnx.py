@@ -57,7 +57,7 @@ class BatchNormalization(nnx.Module):
 
   Args:
     num_features: the feature size (an int), or a tuple of sizes, one per axis of `axis`.
-    axis, momentum, epsilon, center, scale, beta_initializer, gamma_initializer,
+    **kwargs: axis, momentum, epsilon, center, scale, beta_initializer, gamma_initializer,
       moving_mean_initializer, moving_variance_initializer, beta_regularizer,
       gamma_regularizer, beta_constraint, gamma_constraint, renorm, renorm_clipping,
       renorm_momentum, fused, trainable, virtual_batch_size, adjustment, axis_name,
