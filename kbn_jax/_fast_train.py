@@ -223,6 +223,15 @@ def _per_channel(value, name, stats_shape, kernel_stats_shape, compute_dtype):
   return jnp.broadcast_to(full, stats_shape).reshape(kernel_stats_shape)
 
 
+# The tangent rules are rematerialized in reverse mode, without `jax.checkpoint`'s default
+# ``prevent_cse``: its optimization barrier on the rule's inputs splits a reshape chain such as
+# a ghost batch's ``(B, ...) -> (vbs, B/vbs, ...)`` followed by the kernel's `_collapse`, and
+# XLA:CPU then copies the input and the output cotangent (ghost step: 11 reads + 4 writes
+# instead of 9 + 2). No scan or loop surrounds these rules, and `_distinct` already keeps the
+# rematerialized ``x - mean`` apart from the forward pass's arithmetic.
+_remat = functools.partial(jax.checkpoint, prevent_cse=False)
+
+
 @functools.lru_cache(maxsize=256)
 def _kernel(shape, axes, epsilon, subtract_mean_first, out_dtype, axis_name, axis_index_groups):
   """Builds the `custom_jvp` normalization for one static configuration.
@@ -243,7 +252,7 @@ def _kernel(shape, axes, epsilon, subtract_mean_first, out_dtype, axis_name, axi
     )
     return y.astype(out_dtype).reshape(x.shape)
 
-  @jax.checkpoint
+  @_remat
   def tangent(x, mean, rstd, scale, dx, dscale, doffset):
     # dy = a (dx - mean(dx) - x_hat mean(dx x_hat)) + dscale x_hat + doffset, with
     # x_hat = (x - mean) rstd and a = scale rstd: the derivative of batch normalization with
@@ -305,7 +314,7 @@ def _moments_kernel(axes, axis_name, axis_index_groups):
       return mean, functional._div_no_nan(m2, count), count
     return mean, m2 / count, count
 
-  @jax.checkpoint
+  @_remat
   def tangent(x, mean, count, dx):
     # d mean = mean(dx), d variance = 2 mean((x - mean) dx), over the whole (global) batch.
     xc = x.astype(mean.dtype)
