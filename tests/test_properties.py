@@ -10,6 +10,8 @@ initial variables. It then checks, against `tests/reference.py`:
   every statistic after each step;
 * inference with the final statistics.
 
+Every example runs through the linen Module and the NNX Module (issue 11: both front-ends).
+
 Profiles (select with ``HYPOTHESIS_PROFILE``):
 
 * ``ci`` (default): a fixed, derandomized set of examples, about 30 s on two CPU cores;
@@ -31,10 +33,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kbn_jax
+import kbn_jax.nnx
 from tests import reference
 
 _PROFILES = {
@@ -221,6 +226,42 @@ def _train_step(layer, mask):
   return step
 
 
+def _nnx_steps(layer, mask, params, stats):
+  """The same step and inference through the NNX Module built from the linen one (issue 11)."""
+  variables = {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}
+  module = kbn_jax.nnx.BatchNormalization.from_linen(layer, variables)
+  names = [n for n in ("gamma", "beta") if n in params]
+
+  @nnx.jit
+  def run(module, x, dy):
+    def loss(module, x):
+      y = module(x, training=True, mask=mask)
+      return jnp.sum(y.astype(jnp.float32) * dy), y
+
+    (grad_module, grad_x), y = nnx.grad(loss, argnums=(0, 1), has_aux=True)(module, x)
+    return y, {n: getattr(grad_module, n)[...] for n in names}, grad_x
+
+  def step(params, stats, x, dy):
+    module.load_variables({"params": params, "batch_stats": stats})
+    y, grad_params, grad_x = run(module, x, dy)
+    return y, module.linen_variables()["batch_stats"], grad_params, grad_x
+
+  def infer(params, stats, x):
+    module.load_variables({"params": params, "batch_stats": stats})
+    return module(x, training=False)
+
+  return step, infer
+
+
+def _linen_steps(layer, mask):
+  def infer(params, stats, x):
+    return layer.apply(
+      {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}, x
+    )
+
+  return _train_step(layer, mask), infer
+
+
 # --------------------------------------------------------------------------------------------
 # Comparison
 # --------------------------------------------------------------------------------------------
@@ -258,9 +299,10 @@ def _assert_state_close(actual_stats, expected_state, rel, what):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("front_end", ["linen", "nnx"])
 @PROFILE
 @given(case=configurations())
-def test_layer_matches_float64_reference(case):
+def test_layer_matches_float64_reference(front_end, case):
   rng = np.random.default_rng(case["seed"])
   shape = case["shape"]
   features = case["features"]
@@ -278,7 +320,11 @@ def test_layer_matches_float64_reference(case):
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
     jnp.shape, {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}
   )
-  step = _train_step(layer, None if mask is None else jnp.asarray(mask))
+  mask_array = None if mask is None else jnp.asarray(mask)
+  if front_end == "nnx":
+    step, infer = _nnx_steps(layer, mask_array, params, stats)
+  else:
+    step, infer = _linen_steps(layer, mask_array)
   out_dtype = np.dtype(_DTYPES[case["layer_dtype"] or "float32"])
   input_dtype = np.dtype(_DTYPES[case["input_dtype"]])
   epsilon = case["config"]["epsilon"]
@@ -307,8 +353,6 @@ def test_layer_matches_float64_reference(case):
         _assert_close(grad_params[name], expected_grads[name], grad_rel, f"step {k} grad {name}")
     _assert_state_close(stats, state, rel, f"step {k}")
 
-  y_infer = layer.apply(
-    {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}, x1
-  )
+  y_infer = infer(params, stats, x1)
   expected_infer, _ = reference.keras_v1_reference(x1_64, state, training=False, **ref_config)
   _assert_close(y_infer, expected_infer, _rel_tolerance(x1_64, epsilon, out_dtype), "inference y")
