@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import kbn_jax
+import kbn_jax.nnx
 from kbn_jax import functional, keras_compat, torch_compat
 from tests.framework_parity.cases import CASES
 
@@ -103,7 +104,18 @@ def _linen(layer):
   return apply
 
 
-RUNNERS = {"functional": _pure, "linen": _linen}
+def _nnx(layer):
+  """The NNX twin of the linen layer, built inside the trace from the variables of the call."""
+
+  def apply(variables, x, training, mask):
+    module = kbn_jax.nnx.BatchNormalization.from_linen(layer, variables)
+    y = module(x, training=training, mask=mask)
+    return y, module.linen_variables()["batch_stats"]
+
+  return apply
+
+
+RUNNERS = {"functional": _pure, "linen": _linen, "nnx": _nnx}
 
 
 def _check(stem, quantity, actual, expected, tolerance):
