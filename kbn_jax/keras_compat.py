@@ -706,18 +706,23 @@ def _layer_weight_names(root) -> dict[str, list[str]]:
   return {n: [_decode(w) for w in root[n].attrs.get("weight_names", [])] for n in names}
 
 
-def load_keras_h5_weights(path: Any, layer_name: str) -> list[np.ndarray]:
+def load_keras_h5_weights(
+  path: Any, layer_name: str, *, config_path: Any = None
+) -> list[np.ndarray]:
   """Reads one layer's weights from a Keras HDF5 file.
 
   Works with ``model.save("m.h5")`` (weights under ``model_weights``) and
   ``model.save_weights("w.h5")`` files of Keras 2.x / tf_keras. A layer of a nested model is
   found by its own name too. Batch-norm weights come back in ``get_weights()`` order whatever
   order the file lists them in (a frozen layer lists them differently), ready for
-  `variables_from_keras`; other layers' weights in the file's order.
+  `variables_from_keras`; other layers' weights in the file's order. ``.keras`` zips and the
+  newer ``*.weights.h5`` layout (tf_keras >= 2.13, Keras 3) are read for batch-norm layers.
 
   Args:
-    path: the ``.h5`` file.
+    path: the ``.h5``, ``.keras`` or ``.weights.h5`` file.
     layer_name: the Keras layer name (``layer.name``).
+    config_path: for a ``*.weights.h5`` file, whose groups are named after layer classes: the
+      ``.keras``/``.h5`` model or JSON file with the model config, to find `layer_name`.
 
   Returns:
     The arrays, in Keras's parameter shapes.
@@ -727,7 +732,7 @@ def load_keras_h5_weights(path: Any, layer_name: str) -> list[np.ndarray]:
     KeyError: if no layer of that name has weights in the file.
   """
   if _new_format(path):
-    return _keras_files.read_layer_weights(path, layer_name)
+    return _keras_files.read_layer_weights(path, layer_name, config_path=config_path)
   h5py = _h5py()
   with h5py.File(path, "r") as file:
     root = _weights_root(file)
@@ -762,12 +767,14 @@ def _keras_order(arrays):
   return sorted(arrays, key=lambda item: KERAS_WEIGHT_ORDER.index(_short_name(item[0])))
 
 
-def load_keras_h5_config(path: Any, layer_name: str) -> dict[str, Any]:
+def load_keras_h5_config(path: Any, layer_name: str, *, config_path: Any = None) -> dict[str, Any]:
   """Reads one layer's serialized config from a Keras HDF5 model file (``model.save``).
 
   Args:
-    path: the ``.h5`` file written by ``model.save`` (weights-only files hold no config).
+    path: the ``.h5`` file written by ``model.save``, or a ``.keras`` zip (weights-only files
+      hold no config).
     layer_name: the Keras layer name.
+    config_path: for a weights-only file: the model file or JSON holding the config.
 
   Returns:
     The serialized layer (``{"class_name": ..., "config": {...}, ...}``), which
@@ -778,7 +785,7 @@ def load_keras_h5_config(path: Any, layer_name: str) -> dict[str, Any]:
     KeyError: if the file has no model config or no layer of that name.
   """
   if _new_format(path):
-    return _keras_files.read_layer_config(path, layer_name)
+    return _keras_files.read_layer_config(path, layer_name, config_path=config_path)
   h5py = _h5py()
   with h5py.File(path, "r") as file:
     if "model_config" not in file.attrs:

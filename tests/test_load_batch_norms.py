@@ -104,3 +104,15 @@ def test_not_a_model_file(tmp_path):
   path.write_bytes(b"PK\x03\x04 this is no zip")
   with pytest.raises(ValueError, match="m.keras"):
     keras_compat.load_batch_norms(path)
+
+
+def test_h5_weight_reader_takes_the_config_of_a_weights_only_file():
+  path = FIXTURES / "tfk_convnet.weights.h5"  # tf_keras records no layer names in this layout
+  with pytest.raises(KeyError, match="config_path="):
+    keras_compat.load_keras_h5_weights(path, "bn_dense")
+  weights = keras_compat.load_keras_h5_weights(
+    path, "bn_dense", config_path=FIXTURES / "tfk_convnet.keras"
+  )
+  expected = keras_compat.load_keras_h5_weights(FIXTURES / "tfk_convnet.keras", "bn_dense")
+  for value, reference in zip(weights, expected, strict=True):
+    np.testing.assert_array_equal(value, reference)
