@@ -330,7 +330,7 @@ def _h5py():
   except ImportError as error:
     raise ImportError(
       "Reading Keras HDF5 and .keras files needs the optional dependency h5py: "
-      "`pip install kbn_jax[keras]` (or `pip install h5py`)."
+      "`pip install h5py` (or `pip install kbn_jax[keras]`)."
     ) from error
   return h5py
 

@@ -372,14 +372,7 @@ def check_renorm_clipping_keys(renorm_clipping: Any) -> None:
     )
 
 
-_JIT_HINT = (
-  "under `jax.jit`, mark it static (`static_argnames=('training',)`, or `static_argnums` for a "
-  "positional argument and for `nn.jit`/`nn.remat`), or write one step function for training "
-  "and one for inference"
-)
-
-
-def check_training(training: Any, static_hint: str = _JIT_HINT) -> bool:
+def check_training(training: Any, static_hint: str) -> bool:
   """Returns `training` as a Python bool; traced values and strings are rejected.
 
   Keras's other spellings are accepted: 0/1, NumPy bools, and ``None``, which Keras resolves to

@@ -48,15 +48,7 @@ if TYPE_CHECKING:
   from kbn_jax.layers import BatchNormalization
 
 # The order of `get_weights()` (spec section 2.8), with each weight's Flax collection.
-KERAS_WEIGHT_ORDER = (
-  "gamma",
-  "beta",
-  "moving_mean",
-  "moving_variance",
-  "moving_stddev",
-  "renorm_mean",
-  "renorm_stddev",
-)
+KERAS_WEIGHT_ORDER = _keras_files.WEIGHT_ORDER
 _COLLECTION = {"gamma": "params", "beta": "params"}
 
 _LAYER_ARGS = (
@@ -596,17 +588,6 @@ def keras_weights_from_variables(
 # ---------------------------------------------------------------------------------------------
 # HDF5 files
 # ---------------------------------------------------------------------------------------------
-def _h5py():
-  try:
-    import h5py  # noqa: PLC0415 (optional dependency)
-  except ImportError as error:
-    raise ImportError(
-      "Reading Keras HDF5 files needs the optional dependency h5py: `pip install h5py` (or "
-      "`pip install 'kbn_jax[keras]'`)."
-    ) from error
-  return h5py
-
-
 def _decode(value: Any) -> str:
   return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
@@ -616,7 +597,7 @@ def _new_format(path: Any) -> bool:
   which `kbn_jax._keras_files` reads; legacy HDF5 files keep today's reader."""
   if zipfile.is_zipfile(path):
     return True
-  h5py = _h5py()
+  h5py = _keras_files._h5py()
   try:
     with h5py.File(path, "r") as file:
       root = file["model_weights"] if "model_weights" in file else file
@@ -733,7 +714,7 @@ def load_keras_h5_weights(
   """
   if _new_format(path):
     return _keras_files.read_layer_weights(path, layer_name, config_path=config_path)
-  h5py = _h5py()
+  h5py = _keras_files._h5py()
   with h5py.File(path, "r") as file:
     root = _weights_root(file)
     layers = _layer_weight_names(root)
@@ -786,7 +767,7 @@ def load_keras_h5_config(path: Any, layer_name: str, *, config_path: Any = None)
   """
   if _new_format(path):
     return _keras_files.read_layer_config(path, layer_name, config_path=config_path)
-  h5py = _h5py()
+  h5py = _keras_files._h5py()
   with h5py.File(path, "r") as file:
     if "model_config" not in file.attrs:
       raise KeyError(
