@@ -165,6 +165,15 @@ _case(
   note="ghost batches on rank 4: non-fused",
 )
 _case(V2, "r3_mask", {"momentum": 0.9}, (4, 5, 3), 215, mask=True, random_init=True)
+_case(
+  V2,
+  "r4_synchronized",
+  {"synchronized": True, "momentum": 0.9},
+  (4, 3, 2, 3),
+  216,
+  random_init=True,
+  note="synchronized=True forces the non-fused path on rank 4: biased moving variance (issue 20)",
+)
 
 # --------------------------------------------------------------------------
 # keras3: keras.layers.BatchNormalization (Keras 3, backend recorded in each fixture)
