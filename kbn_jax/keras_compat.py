@@ -43,6 +43,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 from kbn_jax import _batch_norm, _keras_files, _keras_identifiers, _validation, functional
+from kbn_jax._grafting import graft_batch_norms as graft_batch_norms
 
 if TYPE_CHECKING:
   from kbn_jax.layers import BatchNormalization
