@@ -32,9 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from kbn_jax import _batch_norm, _keras_files, _keras_identifiers, _validation, functional
+from kbn_jax import (
+  _batch_norm,
+  _keras_files,
+  _keras_identifiers,
+  _keras_semantics,
+  _suspicious,
+  _validation,
+  functional,
+)
 from kbn_jax._grafting import graft_batch_norms as graft_batch_norms
 
 if TYPE_CHECKING:
@@ -190,7 +196,10 @@ def from_keras_config(
       saved_after_build=axis_saved_after_build,
     )
   if "semantics" not in overrides:
-    kwargs["semantics"] = _config_semantics(original, kwargs.get("trainable", True))
+    trainable = kwargs.get("trainable", True)
+    kwargs["semantics"] = _keras_semantics.semantics_of_config(
+      original, trainable=trainable, stacklevel=2
+    )
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent"}
   bad = set(overrides) - fields
   if bad:
@@ -247,29 +256,6 @@ def to_keras_config(module: BatchNormalization) -> dict[str, Any]:
       stacklevel=2,
     )
   return config
-
-
-def _config_semantics(config: Mapping[str, Any], trainable: Any) -> str:
-  """The semantics a bare config says it has; warns where it cannot tell and it matters."""
-  inner = _unwrap_layer(config)
-  class_name = config.get("class_name") if isinstance(config, Mapping) else None
-  if class_name == "BatchNormalizationV1":
-    return "keras_v1"
-  if class_name == "BatchNormalizationV2":
-    return "keras_v2"
-  dtype = inner.get("dtype")
-  if "synchronized" in inner or (isinstance(dtype, Mapping) and "DTypePolicy" in str(dtype)):
-    return "keras3"
-  if trainable is False:
-    warnings.warn(
-      "This Keras config has trainable=False but cannot say whether it comes from Keras's V1 "
-      "layer (tf.compat.v1) or V2 (tf.keras under TF2, the usual case): it is read as "
-      "semantics='keras_v1', where a training call normalizes the frozen layer with batch "
-      "statistics; V2 and Keras 3 use the moving statistics. Pass semantics='keras_v2' (or "
-      "'keras_v1') to choose and silence this warning.",
-      stacklevel=3,
-    )
-  return "keras_v1"
 
 
 def _unwrap_layer(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -587,44 +573,41 @@ def keras_weights_from_variables(
 
 
 # ---------------------------------------------------------------------------------------------
-# HDF5 files
+# Keras files, through the one hardened reader (kbn_jax._keras_files)
 # ---------------------------------------------------------------------------------------------
-def _decode(value: Any) -> str:
-  return value.decode("utf8") if isinstance(value, bytes) else str(value)
+Limits = _keras_files.Limits
+DEFAULT_LIMITS = _keras_files.DEFAULT_LIMITS
+LayerNotFoundError = _keras_files.LayerNotFoundError
 
-
-def _new_format(path: Any) -> bool:
-  """Whether `path` is a ``.keras`` zip or a ``*.weights.h5`` file (Keras >= 2.13 layouts),
-  which `kbn_jax._keras_files` reads; legacy HDF5 files keep today's reader."""
-  if zipfile.is_zipfile(path):
-    return True
-  h5py = _keras_files._h5py()
-  try:
-    with h5py.File(path, "r") as file:
-      root = file["model_weights"] if "model_weights" in file else file
-      return "layer_names" not in root.attrs and "model_config" not in file.attrs
-  except OSError:
-    return True  # not HDF5 at all: the safe reader gives the clear error
+_SUSPICIOUS = (
+  "{path}: layer {name!r}: {found}; loaded as they are, as Keras does (a negative variance "
+  "makes inference NaN on its channels, a non-finite weight spreads to every output)."
+)
 
 
 def load_batch_norms(
-  path: Any, *, config_path: Any = None, **overrides: Any
+  path: Any, *, config_path: Any = None, limits: Limits = DEFAULT_LIMITS, **overrides: Any
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
   """Every BatchNormalization layer of a saved Keras model, ready to run in JAX.
 
-  Reads legacy full-model ``.h5`` files and ``.keras`` zips of tf_keras and Keras 3 (nested
-  models included, keyed ``"outer/inner"``), without executing anything from the file. Each
-  layer gets the `semantics` the file says it was saved with (see `kbn_jax._keras_files` for
-  the rule): a tf_keras >= 2.4 file (TF2) gets ``"keras_v2"``, a Keras 3 file ``"keras3"``, a
-  file that cannot tell V1 from V2 gets ``"keras_v1"``, with a warning when that choice matters
-  (a frozen layer, ``trainable=False``).
+  Reads legacy ``.h5`` files and ``.keras`` zips of tf_keras and Keras 3 (nested models
+  included, keyed ``"outer/inner"``; names with ``/`` such as ``"conv1/bn"`` keyed by
+  themselves), and weights-only files with `config_path`, through the hardened reader: nothing
+  from the file is executed, and its cost is bounded by its size (see `Limits`). Each layer gets
+  the `semantics` the file says it was saved with (the rule table of `kbn_jax._keras_semantics`):
+  a tf_keras >= 2.4 file (TF2) gets ``"keras_v2"``, a Keras 3 file ``"keras3"``, a file that
+  cannot tell V1 from V2 ``"keras_v1"``, with a warning when that choice matters (a frozen layer,
+  ``trainable=False``). NaN/Inf weights and negative variances load, as in Keras, with a warning
+  naming the layer and the count.
 
   Args:
     path: the model file (or a weights-only file, with `config_path`).
-    config_path: for weights-only files (``save_weights``): the ``.keras``, ``.h5`` model or
-      JSON file holding the model config.
-    **overrides: Module attributes for every layer, e.g. ``semantics="keras_v1"`` (a model
-      built with the explicit V1 class saves exactly like V2) or ``axis_name="batch"``.
+    config_path: for weights-only files (``save_weights``): the ``.keras`` or ``.h5`` model, or
+      a JSON file with the model config (``config.json``, or ``model.to_json()`` saved to a
+      file, whose ``keras_version`` then decides the semantics).
+    limits: what reading may cost; ``Limits(max_budget_bytes=...)`` for a trusted huge file.
+    **overrides: layer arguments for every layer, e.g. ``semantics="keras_v1"`` (a model built
+      with the explicit V1 class saves exactly like V2) or ``axis_name="batch"``.
 
   Returns:
     ``{layer_name: (module, variables)}``: linen `kbn_jax.BatchNormalization` Modules and their
@@ -632,10 +615,12 @@ def load_batch_norms(
     for NNX).
 
   Raises:
-    ValueError: for a corrupted, truncated or mismatched file (naming the file and layer).
+    FileNotFoundError: no such file.
+    ValueError: a corrupted, truncated, oversized or mismatched file, or a layer config Keras or
+      kbn_jax rejects (the message names the file and the layer).
   """
   layers = {}
-  records = _keras_files.read_batch_norm_layers(path, config_path=config_path)
+  records = _keras_files.read_batch_norm_layers(path, config_path=config_path, limits=limits)
   for name, record in records.items():
     kwargs = dict(overrides)
     kwargs.setdefault("semantics", record.semantics)
@@ -650,12 +635,30 @@ def load_batch_norms(
         "tf.keras) or 'keras_v1' to load_batch_norms to choose.",
         stacklevel=2,
       )
-    module = from_keras_config(record.config, **kwargs)
-    shape = record.input_shape
-    if shape is None:
-      shape = _shape_from_weights(module, record.weights)
-    layers[name] = (module, variables_from_keras(module, record.weights, shape))
+    try:
+      module = from_keras_config(record.config, **kwargs)
+      shape = record.input_shape or _shape_from_weights(module, record.weights)
+      variables = variables_from_keras(module, record.weights, shape)
+    except (ValueError, TypeError, RecursionError) as error:
+      kind = TypeError if isinstance(error, TypeError) else ValueError
+      raise kind(f"{path}: layer {name!r}: {error}") from error
+    found = _suspicious.describe(_named_weights(record), ("moving_variance", "moving_stddev"))
+    if found:
+      warnings.warn(_SUSPICIOUS.format(path=path, name=name, found=found), stacklevel=2)
+    layers[name] = (module, variables)
   return layers
+
+
+def _named_weights(record: _keras_files.KerasBatchNormRecord) -> dict[str, np.ndarray]:
+  config = record.config
+  names = [
+    n
+    for n in KERAS_WEIGHT_ORDER
+    if (n != "gamma" or config.get("scale", True))
+    and (n != "beta" or config.get("center", True))
+    and (n in ("gamma", "beta", "moving_mean", "moving_variance") or config.get("renorm", False))
+  ]
+  return dict(zip(names, record.weights, strict=True))
 
 
 def _shape_from_weights(module: Any, weights: Sequence[Any]) -> tuple[Any, ...]:
@@ -672,137 +675,99 @@ def _shape_from_weights(module: Any, weights: Sequence[Any]) -> tuple[Any, ...]:
   return tuple(shape)
 
 
-def _weights_root(file):
-  root = file["model_weights"] if "model_weights" in file else file
-  if "layer_names" not in root.attrs:
-    raise ValueError(
-      f"{file.filename} is not a Keras 2 HDF5 weights file (no `layer_names`): files named "
-      "`*.weights.h5` use the newer saving format, whose groups are named after layer classes, "
-      "not layer names. Save with model.save_weights('weights.h5') or model.save('model.h5')."
-    )
-  return root
-
-
-def _layer_weight_names(root) -> dict[str, list[str]]:
-  names = [_decode(n) for n in root.attrs.get("layer_names", [])]
-  return {n: [_decode(w) for w in root[n].attrs.get("weight_names", [])] for n in names}
-
-
-def load_keras_h5_weights(
-  path: Any, layer_name: str, *, config_path: Any = None
+def load_layer_weights(
+  path: Any, layer_name: str, *, config_path: Any = None, limits: Limits = DEFAULT_LIMITS
 ) -> list[np.ndarray]:
-  """Reads one layer's weights from a Keras HDF5 file.
+  """Reads one layer's weights, of any layer, from any Keras file.
 
-  Works with ``model.save("m.h5")`` (weights under ``model_weights``) and
-  ``model.save_weights("w.h5")`` files of Keras 2.x / tf_keras. A layer of a nested model is
-  found by its own name too. Batch-norm weights come back in ``get_weights()`` order whatever
-  order the file lists them in (a frozen layer lists them differently), ready for
-  `variables_from_keras`; other layers' weights in the file's order. ``.keras`` zips and the
-  newer ``*.weights.h5`` layout (tf_keras >= 2.13, Keras 3) are read for batch-norm layers.
+  The way to bring the rest of a model across: convolution kernels, dense layers, depthwise
+  kernels and batch norms alike, from ``.h5`` (``model.save`` or ``save_weights``), ``.keras``
+  and ``.weights.h5`` files, through the hardened reader. Weights come back as NumPy arrays in
+  Keras's ``get_weights()`` order and shapes (a batch norm's in ``gamma, beta, moving_mean,
+  moving_variance`` order whatever order the file lists them in, ready for
+  `variables_from_keras`).
 
   Args:
     path: the ``.h5``, ``.keras`` or ``.weights.h5`` file.
-    layer_name: the Keras layer name (``layer.name``).
-    config_path: for a ``*.weights.h5`` file, whose groups are named after layer classes: the
+    layer_name: the Keras layer name (``layer.name``, ``"/"`` included), or ``"outer/inner"``
+      for a layer of a nested model (a bare ``"inner"`` works when it is unique).
+    config_path: for a ``.weights.h5`` file, whose groups are named after layer classes: the
       ``.keras``/``.h5`` model or JSON file with the model config, to find `layer_name`.
+    limits: what reading may cost (`Limits`).
 
   Returns:
-    The arrays, in Keras's parameter shapes.
+    The arrays (an empty list for a layer without weights).
 
   Raises:
-    ImportError: without h5py.
-    KeyError: if no layer of that name has weights in the file.
+    LayerNotFoundError: no layer of that name (a `KeyError`, listing the file's batch norms).
+    ValueError: a corrupted, oversized or mismatched file (naming the file and the layer).
   """
-  if _new_format(path):
-    return _keras_files.read_layer_weights(path, layer_name, config_path=config_path)
-  h5py = _keras_files._h5py()
-  with h5py.File(path, "r") as file:
-    root = _weights_root(file)
-    layers = _layer_weight_names(root)
-    if layer_name in layers:
-      group, names = root[layer_name], layers[layer_name]
-    else:
-      group, names = _find_nested(root, layers, layer_name)
-    arrays = [(n, np.asarray(group[n])) for n in names]
-  return [a for _, a in _keras_order(arrays)]
+  return _keras_files.read_layer_weights(path, layer_name, config_path=config_path, limits=limits)
 
 
-def _find_nested(root, layers, layer_name):
-  for outer, names in layers.items():
-    inner = [n for n in names if layer_name in n.split("/")[:-1]]
-    if inner:
-      return root[outer], inner
-  raise KeyError(
-    f"No layer named {layer_name!r} with weights in the HDF5 file; layers with weights: "
-    f"{sorted(n for n, w in layers.items() if w)}."
-  )
-
-
-def _short_name(weight_name: str) -> str:
-  return weight_name.split("/")[-1].split(":")[0]
-
-
-def _keras_order(arrays):
-  short = [_short_name(n) for n, _ in arrays]
-  if not all(s in KERAS_WEIGHT_ORDER for s in short):
-    return arrays
-  return sorted(arrays, key=lambda item: KERAS_WEIGHT_ORDER.index(_short_name(item[0])))
-
-
-def load_keras_h5_config(path: Any, layer_name: str, *, config_path: Any = None) -> dict[str, Any]:
-  """Reads one layer's serialized config from a Keras HDF5 model file (``model.save``).
+def load_layer_config(
+  path: Any, layer_name: str, *, config_path: Any = None, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+  """Reads one layer's serialized config from a Keras model file.
 
   Args:
-    path: the ``.h5`` file written by ``model.save``, or a ``.keras`` zip (weights-only files
-      hold no config).
-    layer_name: the Keras layer name.
+    path: a ``.h5`` model (``model.save``), a ``.keras`` zip, a JSON model config
+      (``model.to_json()``), or a weights-only file with `config_path`.
+    layer_name: the Keras layer name, or ``"outer/inner"`` for a layer of a nested model.
     config_path: for a weights-only file: the model file or JSON holding the config.
+    limits: what reading may cost (`Limits`).
 
   Returns:
     The serialized layer (``{"class_name": ..., "config": {...}, ...}``), which
-    `from_keras_config` accepts.
+    `from_keras_config` accepts for a batch norm.
 
   Raises:
-    ImportError: without h5py.
-    KeyError: if the file has no model config or no layer of that name.
+    LayerNotFoundError: no model config, or no layer of that name.
+    ValueError: a corrupted or oversized file.
   """
-  if _new_format(path):
-    return _keras_files.read_layer_config(path, layer_name, config_path=config_path)
-  h5py = _keras_files._h5py()
-  with h5py.File(path, "r") as file:
-    if "model_config" not in file.attrs:
-      raise KeyError(
-        f"{path} holds no model config (it was written by save_weights); build the layer "
-        "from the Keras code or its get_config() instead."
-      )
-    model_config = json.loads(_decode(file.attrs["model_config"]))
-  found = _find_layer_config(model_config, layer_name)
-  if found is None:
-    raise KeyError(f"No layer named {layer_name!r} in the model config of {path}.")
-  return found
+  return _keras_files.read_layer_config(path, layer_name, config_path=config_path, limits=limits)
 
 
-def _find_layer_config(entry: Any, layer_name: str) -> dict[str, Any] | None:
-  if isinstance(entry, Mapping):
-    config = entry.get("config")
-    if "class_name" in entry and isinstance(config, Mapping):
-      if config.get("name") == layer_name and "layers" not in config:
-        return dict(entry)
-      for layer in config.get("layers", ()):
-        found = _find_layer_config(layer, layer_name)
-        if found is not None:
-          return found
-  return None
+_RENAMED = (
+  "keras_compat.{old} is deprecated and will be removed in the next release: use "
+  "keras_compat.{new}, which reads .h5, .keras and .weights.h5 files alike (the same arguments)."
+)
+
+
+def load_keras_h5_weights(path: Any, layer_name: str, *, config_path: Any = None) -> list[Any]:
+  """Deprecated name of `load_layer_weights` (it reads every Keras format, not only HDF5)."""
+  warnings.warn(
+    _RENAMED.format(old="load_keras_h5_weights", new="load_layer_weights"),
+    DeprecationWarning,
+    stacklevel=2,
+  )
+  return load_layer_weights(path, layer_name, config_path=config_path)
+
+
+def load_keras_h5_config(path: Any, layer_name: str, *, config_path: Any = None) -> dict[str, Any]:
+  """Deprecated name of `load_layer_config` (it reads every Keras format, not only HDF5)."""
+  warnings.warn(
+    _RENAMED.format(old="load_keras_h5_config", new="load_layer_config"),
+    DeprecationWarning,
+    stacklevel=2,
+  )
+  return load_layer_config(path, layer_name, config_path=config_path)
 
 
 __all__ = [
+  "DEFAULT_LIMITS",
   "KERAS_WEIGHT_ORDER",
-  "load_batch_norms",
+  "LayerNotFoundError",
+  "Limits",
   "from_keras_config",
+  "graft_batch_norms",
   "keras_param_shape",
   "keras_weights_from_variables",
+  "load_batch_norms",
   "load_keras_h5_config",
   "load_keras_h5_weights",
+  "load_layer_config",
+  "load_layer_weights",
   "to_keras_config",
   "variables_from_keras",
 ]

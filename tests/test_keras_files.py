@@ -103,6 +103,8 @@ def test_weights_only_files_with_a_config(name):
   if source.suffix == ".keras":
     with zipfile.ZipFile(source) as archive:
       text = archive.read("config.json").decode()
+  elif source.suffix == ".json":
+    text = source.read_text()
   else:
     with h5py.File(source, "r") as file:
       text = file.attrs["model_config"]
@@ -274,7 +276,8 @@ def test_read_layer_config():
 
 def test_missing_layer_lists_batch_norm_layers():
   for name in MODEL_FILES:
-    with pytest.raises(KeyError, match=rf"{name}: no layer named 'nope'.*'bn_frozen'"):
+    first = next(iter(MANIFEST["models"][MANIFEST["files"][name]["model"]]["layers"]))
+    with pytest.raises(KeyError, match=rf"{name}: no layer named 'nope'.*'{first}'"):
       kf.read_layer_weights(FIXTURES / name, "nope")
     with pytest.raises(KeyError, match=r"no layer named 'nope'"):
       kf.read_layer_config(FIXTURES / name, "nope")
@@ -469,7 +472,7 @@ def test_corrupted_zip_member_fails_its_crc(tmp_path):
     data[i] ^= 0xFF
   (tmp_path / "m.keras").write_bytes(bytes(data))
   with pytest.raises(
-    ValueError, match=r"m\.keras: cannot be read as a Keras file; it is truncated or corrupted.*CRC"
+    ValueError, match=r"m\.keras: cannot be read as a Keras file; it is truncated, corrupted.*CRC"
   ):
     kf.read_batch_norm_layers(tmp_path / "m.keras")
 
@@ -499,10 +502,10 @@ def test_keras_zip_missing_or_bad_members(tmp_path):
       kf.read_batch_norm_layers(path)
 
 
-def test_zip_member_over_the_cap(tmp_path, monkeypatch):
-  monkeypatch.setattr(kf, "MAX_JSON_BYTES", 1000)
+def test_zip_member_over_the_cap():
+  limits = kf.Limits(max_config_bytes=1000)
   with pytest.raises(ValueError, match=r"k3_convnet\.keras: config\.json declares \d+ bytes"):
-    kf.read_batch_norm_layers(FIXTURES / "k3_convnet.keras")
+    kf.read_batch_norm_layers(FIXTURES / "k3_convnet.keras", limits=limits)
 
 
 def test_config_not_matching_the_weights(tmp_path):
@@ -558,7 +561,7 @@ def test_input_shape_not_matching_the_weights(tmp_path):
   ("arrays", "config", "message"),
   [
     ({**_bn_arrays(3), "gamma": np.ones(4, np.float32)}, {}, r"different shapes"),
-    (_bn_arrays(3, dtype="int32"), {}, r"dtype int32, not a floating type"),
+    (_bn_arrays(3, dtype="int32"), {}, r"dtype int32, not a real floating type"),
     (_bn_arrays(3), {"center": False}, r"holds the weights \[.*'beta'.*needs \['gamma', 'moving"),
     (_bn_arrays(3), {"renorm": True}, r"needs \[.*'renorm_stddev'\]"),
     (_bn_arrays(3, names=("gamma", "beta", "moving_mean")), {}, r"needs .*'moving_variance'"),
@@ -579,7 +582,7 @@ def test_string_datasets_are_refused(tmp_path):
     group = file["model_weights/bn/bn"]
     del group["gamma:0"]
     group.create_dataset("gamma:0", data=np.array([b"a", b"b", b"c"]))
-  with pytest.raises(ValueError, match=r"m\.h5: weight 'bn/gamma:0'.*non-numeric dtype"):
+  with pytest.raises(ValueError, match=r"m\.h5: layer 'bn': weight 'bn/gamma:0'.*dtype \|S1, not a real"):
     kf.read_batch_norm_layers(path)
 
 
@@ -610,7 +613,7 @@ def test_links_are_refused(tmp_path, link):
       group["gamma:0"] = h5py.SoftLink("/model_weights/bn/bn/beta:0")
     else:
       group["gamma:0"] = h5py.ExternalLink(str(other), "/secret")
-  with pytest.raises(ValueError, match=r"m\.h5: refusing the (SoftLink|ExternalLink) at"):
+  with pytest.raises(ValueError, match=r"m\.h5: layer 'bn': refusing the (SoftLink|ExternalLink) at"):
     kf.read_batch_norm_layers(path)
 
 
@@ -645,13 +648,13 @@ def test_malformed_model_configs(tmp_path):
   cases = {
     "no_class.h5": [{"config": {"name": "x"}}],
     "no_config.h5": [{"class_name": "Dense"}],
-    "bad_name.h5": [{"class_name": "Dense", "config": {"name": "a/b"}}],
+    "bad_name.h5": [{"class_name": "Dense", "config": {"name": "a/../b"}}],
     "dup.h5": [_bn_entry("bn"), _bn_entry("bn")],
   }
   messages = {
     "no_class.h5": r"layer 0 of the model has no class_name",
     "no_config.h5": r"\(Dense\) has no config object",
-    "bad_name.h5": r"invalid name 'a/b'",
+    "bad_name.h5": r"invalid name 'a/\.\./b'",
     "dup.h5": r"two layers keyed 'bn'",
   }
   for name, layers in cases.items():

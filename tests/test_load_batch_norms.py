@@ -89,14 +89,29 @@ def test_bare_frozen_config_warns_and_semantics_silences():
     assert keras_compat.from_keras_config(keras3).semantics == "keras3"
 
 
-def test_h5_readers_route_new_formats():
-  weights = keras_compat.load_keras_h5_weights(FIXTURES / "k3_convnet.keras", "bn_dense")
+def test_layer_readers_read_every_format():
+  weights = keras_compat.load_layer_weights(FIXTURES / "k3_convnet.keras", "bn_dense")
   layers = keras_compat.load_batch_norms(FIXTURES / "k3_convnet.keras")
   expected = keras_compat.keras_weights_from_variables(*layers["bn_dense"])
   for value, reference in zip(weights, expected, strict=True):
     np.testing.assert_array_equal(value, reference)
-  config = keras_compat.load_keras_h5_config(FIXTURES / "tfk_convnet.keras", "bn_conv")
+  config = keras_compat.load_layer_config(FIXTURES / "tfk_convnet.keras", "bn_conv")
   assert config["config"]["name"] == "bn_conv"
+  # Any layer: the convolution kernel and bias, from the legacy .h5 as from the .keras zip.
+  for name in ("tfk_convnet.h5", "tfk_convnet.keras"):
+    kernel, bias = keras_compat.load_layer_weights(FIXTURES / name, "conv2")
+    assert kernel.shape == (3, 3, 4, 5) and bias.shape == (5,)
+
+
+def test_old_reader_names_warn_and_still_work():
+  with pytest.warns(DeprecationWarning, match=r"load_keras_h5_weights.*use.*load_layer_weights"):
+    old = keras_compat.load_keras_h5_weights(FIXTURES / "tfk_convnet.h5", "bn_conv")
+  new = keras_compat.load_layer_weights(FIXTURES / "tfk_convnet.h5", "bn_conv")
+  for a, b in zip(old, new, strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.warns(DeprecationWarning, match=r"load_keras_h5_config.*use.*load_layer_config"):
+    config = keras_compat.load_keras_h5_config(FIXTURES / "tfk_convnet.h5", "bn_conv")
+  assert config == keras_compat.load_layer_config(FIXTURES / "tfk_convnet.h5", "bn_conv")
 
 
 def test_not_a_model_file(tmp_path):
@@ -106,13 +121,13 @@ def test_not_a_model_file(tmp_path):
     keras_compat.load_batch_norms(path)
 
 
-def test_h5_weight_reader_takes_the_config_of_a_weights_only_file():
+def test_layer_weights_of_a_weights_only_file_take_its_config():
   path = FIXTURES / "tfk_convnet.weights.h5"  # tf_keras records no layer names in this layout
   with pytest.raises(KeyError, match="config_path="):
-    keras_compat.load_keras_h5_weights(path, "bn_dense")
-  weights = keras_compat.load_keras_h5_weights(
+    keras_compat.load_layer_weights(path, "bn_dense")
+  weights = keras_compat.load_layer_weights(
     path, "bn_dense", config_path=FIXTURES / "tfk_convnet.keras"
   )
-  expected = keras_compat.load_keras_h5_weights(FIXTURES / "tfk_convnet.keras", "bn_dense")
+  expected = keras_compat.load_layer_weights(FIXTURES / "tfk_convnet.keras", "bn_dense")
   for value, reference in zip(weights, expected, strict=True):
     np.testing.assert_array_equal(value, reference)

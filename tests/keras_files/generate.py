@@ -309,19 +309,102 @@ def _keras3_part():
   return manifest
 
 
+# ---------------------------------------------------------------------------------------------
+# tf_keras layer names with "/" (as keras.applications DenseNet writes: "conv1/conv")
+# ---------------------------------------------------------------------------------------------
+def _tf_keras_slash_part():
+  import numpy as np  # noqa: PLC0415
+
+  tf = _setup_tf()
+  import tf_keras as keras  # noqa: PLC0415
+
+  keras.utils.disable_interactive_logging()
+  L = keras.layers
+  manifest = {"library": f"tf_keras {keras.__version__}", "tensorflow": tf.__version__}
+  keras.utils.set_random_seed(SEED)
+  inp = keras.Input((6, 6, 3), name="image")
+  bn_inputs = {}
+  h = L.Conv2D(4, 3, padding="same", name="conv1")(inp)
+  bn_inputs["conv1/bn"] = h
+  h = L.ReLU(name="conv1/relu")(L.BatchNormalization(momentum=0.9, name="conv1/bn")(h))
+  h = L.Conv2D(5, 3, padding="same", name="block2/conv")(h)
+  bn_inputs["block2/bn"] = h
+  h = L.ReLU(name="block2/relu")(L.BatchNormalization(momentum=0.9, name="block2/bn")(h))
+  h = L.GlobalAveragePooling2D(name="pool")(h)
+  h = L.Dense(6, name="dense1")(h)
+  bn_inputs["dense1/bn"] = h
+  h = L.BatchNormalization(momentum=0.8, center=False, name="dense1/bn")(h)
+  out = L.Dense(3, name="logits")(L.ReLU()(h))
+  model = keras.Model(inp, out, name="tfk_slash")
+  x, y = _data(np)
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  model.compile(keras.optimizers.SGD(0.1), loss)
+  model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+  model.get_layer("conv1/bn").trainable = False  # frozen: V1 and V2 differ in training calls
+  model.compile(keras.optimizers.SGD(0.1), loss)
+  model.save(FIXTURES / "tfk_slash.h5", save_format="h5")
+  model.save(FIXTURES / "tfk_slash.keras")
+  model.save_weights(FIXTURES / "tfk_slash.weights.h5")
+  model.save_weights(FIXTURES / "tfk_slash_weights.h5", save_format="h5")
+  (FIXTURES / "tfk_slash.json").write_text(model.to_json())
+  stages = {k: [(model, t)] for k, t in bn_inputs.items()}
+  layers = {k: model.get_layer(k) for k in bn_inputs}
+  x_ref, _ = _data(np, n=N_REF, seed=SEED + 1)
+  arrays, shapes = _reference(np, keras, model, stages, layers, x_ref)
+  np.savez_compressed(FIXTURES / "tfk_slash.npz", **arrays)
+  v2 = "keras_v2"
+  manifest["models"] = {
+    "tfk_slash": {
+      "layers": _summarize(np, layers, arrays, shapes),
+      "true_semantics": v2,
+      "to_json": "tfk_slash.json",
+    }
+  }
+  manifest["files"] = {
+    "tfk_slash.h5": {"model": "tfk_slash", "format": "h5", "semantics": v2},
+    "tfk_slash.keras": {"model": "tfk_slash", "format": "keras", "semantics": v2},
+    # Weights-only files with the model.to_json() text as their config (its keras_version says
+    # tf_keras under TF2).
+    "tfk_slash.weights.h5": {
+      "model": "tfk_slash",
+      "format": "weights_h5",
+      "semantics": v2,
+      "config_from": "tfk_slash.json",
+    },
+    "tfk_slash_weights.h5": {
+      "model": "tfk_slash",
+      "format": "h5_weights",
+      "semantics": v2,
+      "config_from": "tfk_slash.json",
+    },
+  }
+  return manifest
+
+
+PARTS = {"tf_keras": _tf_keras_part, "keras3": _keras3_part, "tf_keras_slash": _tf_keras_slash_part}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--part", choices=["tf_keras", "keras3"])
+  parser.add_argument("--part", choices=sorted(PARTS))
+  parser.add_argument(
+    "--add",
+    choices=sorted(PARTS),
+    help="write only this part's files and merge them into the existing manifest",
+  )
   args = parser.parse_args()
   FIXTURES.mkdir(exist_ok=True)
   if args.part:
-    part = _tf_keras_part() if args.part == "tf_keras" else _keras3_part()
+    part = PARTS[args.part]()
     (FIXTURES / f"_part_{args.part}.json").write_text(json.dumps(_jsonable(part)))
     return
-  for name in ("tf_keras", "keras3"):
+  names = [args.add] if args.add else list(PARTS)
+  for name in names:
     subprocess.run([sys.executable, __file__, "--part", name], check=True)
   manifest = {"files": {}, "models": {}, "libraries": {}}
-  for name in ("tf_keras", "keras3"):
+  if args.add:
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+  for name in names:
     path = FIXTURES / f"_part_{name}.json"
     part = json.loads(path.read_text())
     path.unlink()
