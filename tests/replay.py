@@ -1,0 +1,77 @@
+"""Fixture replay for any front-end given as ``apply(variables, x, training, mask) -> (y, stats)``.
+
+``make_apply(layer)`` turns a linen `kbn_jax.BatchNormalization` (built from a fixture the way
+the fixture suites build it) into that function; `keras_v1_errors` replays one of the 78 tf_keras
+V1 fixtures (`tests/keras_parity`) and `framework_errors` one of the V2 / Keras 3 / PyTorch
+fixtures (`tests/framework_parity`, through its own `replay`). Both compare every training
+step's output, input and parameter gradients and statistics, and the final inference output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.framework_parity import test_framework_parity
+from tests.keras_parity import test_parity
+
+Apply = Callable[[dict, jax.Array, bool, Any], tuple[jax.Array, dict]]
+
+
+def keras_v1_errors(name: str, make_apply: Callable[[Any], Apply]) -> dict[str, float]:
+  """Replays V1 fixture `name` through ``make_apply(layer)``; returns the largest errors."""
+  meta, arrays = test_parity.load_case(name)
+  layer = test_parity.build_layer(meta, arrays)
+  variables = test_parity.initial_variables(layer, meta, arrays)
+  apply = make_apply(layer)
+  mask = jnp.asarray(arrays["mask"]) if "mask" in arrays else None
+  tolerance = test_parity._tolerance(meta["compute_dtype"], meta["case"])
+  errors: dict[str, float] = {}
+
+  def record(quantity, actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    actual = actual.reshape(expected.shape)
+    error = float(np.max(np.abs(actual - expected) / np.maximum(np.abs(expected), 1.0)))
+    assert error <= tolerance, f"{name}: {quantity} off by {error:.3g} (tolerance {tolerance})"
+    errors[quantity] = max(errors.get(quantity, 0.0), error)
+
+  @jax.jit
+  def step(variables, x, dy):
+    def loss(params, x):
+      y, stats = apply({**variables, "params": params}, x, True, mask)
+      return jnp.sum(y.astype(jnp.float32) * dy), (y, stats)
+
+    (grad_params, grad_x), (y, stats) = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+      variables["params"], x
+    )
+    return y, stats, grad_x, grad_params
+
+  for k in range(meta["case"]["steps"]):
+    x, dy = jnp.asarray(arrays[f"x_{k}"]), jnp.asarray(arrays[f"dy_{k}"])
+    y, stats, grad_x, grad_params = step(variables, x, dy)
+    assert y.dtype == jnp.dtype(meta["output_dtype"]), (name, y.dtype)
+    record("output", y, arrays[f"y_{k}"])
+    record("grad_x", grad_x, arrays[f"grad_x_{k}"])
+    for weight, value in grad_params.items():
+      record(f"grad_{weight}", value, arrays[f"grad_{weight}_{k}"])
+    for weight in meta["weight_names"]:
+      if weight not in ("gamma", "beta"):
+        record(weight, stats[weight], arrays[f"w{k + 1}_{weight}"])
+    variables = {**variables, "batch_stats": stats}
+  y_infer, _ = jax.jit(lambda v, x: apply(v, x, False, None))(
+    variables, jnp.asarray(arrays["x_infer"])
+  )
+  record("inference", y_infer, arrays["y_infer"])
+  return errors
+
+
+def framework_errors(stem: str, make_apply: Callable[[Any], Apply]) -> dict[str, float]:
+  """Replays V2 / Keras 3 / PyTorch fixture `stem` through ``make_apply(layer)``."""
+  runners = {**test_framework_parity.RUNNERS, "under_test": make_apply}
+  with mock.patch.object(test_framework_parity, "RUNNERS", runners):
+    return test_framework_parity.replay(stem, "under_test")
