@@ -390,6 +390,7 @@ class _Model:
   visits: int = 0
   by_key: dict[str, _Layer] | None = None
   by_short: dict[str, list[_Layer]] | None = None
+  legacy_root: Any = None  # the group holding `layer_names`, found once
   legacy_names: dict[str, int] | None = None  # `layer_names`, decoded once, with their order
 
   @property
@@ -568,7 +569,7 @@ def _from_h5(name: str, file, limits: Limits, budget: _Budget) -> _Model:
     if not isinstance(text, (bytes, str)):
       raise ValueError(f"{name}: the `model_config` attribute is not a string.")
     _set_config(model, _parse_json(text, name, "`model_config`", limits), name)
-  elif "layer_names" in attrs or "layer_names" in weights_attrs:
+  elif _has_names(attrs, "layer_names") or _has_names(weights_attrs, "layer_names"):
     model.format = "h5_weights"
   elif any(_child(model, file, k) is not None for k in ("layers", "vars")) or (
     _child(model, file, "_layer_checkpoint_dependencies") is not None
@@ -674,7 +675,9 @@ def _parse_json(data: bytes | str, name: str, what: str, limits: Limits) -> Any:
     raise ValueError(f"The JSON {where} is larger than {limits.max_config_bytes} bytes.")
   try:
     value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
-  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+  except RecursionError:
+    raise ValueError(f"The JSON {where} is nested deeper than the parser follows.") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
     raise ValueError(f"Malformed JSON {where}: {_describe(error)}.") from error
   _check_json_depth(value, limits.max_json_depth, where)
   return value
@@ -989,11 +992,30 @@ def _read_attr(model: _Model, obj, key: str, what: str, max_bytes: int) -> Any:
   return obj.attrs[key]
 
 
+def _has_names(attrs, key: str) -> bool:
+  return key in attrs or f"{key}0" in attrs
+
+
 def _names_attr(model: _Model, obj, key: str, where: str) -> list[str]:
-  """A list-of-names attribute (``layer_names``, ``weight_names``), its count checked first."""
+  """A list-of-names attribute (``layer_names``, ``weight_names``), its count checked first.
+
+  Keras splits a list over 64 KB into ``layer_names0``, ``layer_names1``, ...: read in order.
+  """
+  if key in obj.attrs:
+    return _names_chunk(model, obj, key, where, 0)
+  names: list[str] = []
+  index = 0
+  while f"{key}{index}" in obj.attrs:
+    model.visit()
+    names += _names_chunk(model, obj, f"{key}{index}", where, len(names))
+    index += 1
+  return names
+
+
+def _names_chunk(model: _Model, obj, key: str, where: str, before: int) -> list[str]:
   attr = obj.attrs.get_id(key)
   count = math.prod(attr.shape) if attr.shape is not None else 0
-  if count > model.limits.max_names:
+  if before + count > model.limits.max_names:
     raise ValueError(
       f"{model.label()}: `{key}` of {where!r} lists {count} names, over the cap of "
       f"{model.limits.max_names} ({_RAISE_LIMITS})."
@@ -1003,7 +1025,10 @@ def _names_attr(model: _Model, obj, key: str, where: str) -> list[str]:
   if attr.dtype.kind not in "SUO":
     raise ValueError(f"{model.label()}: `{key}` of {where!r} is not a list of names.")
   value = _read_attr(model, obj, key, f"{key} of {where}", model.budget.left)
-  names = [_attr_text(n) for n in np.asarray(value).ravel()]
+  names = [
+    n.decode("utf8", "replace") if isinstance(n, bytes) else str(n)
+    for n in np.asarray(value).ravel().tolist()
+  ]
   model.budget.charge(sum(len(n) for n in names), f"the names of `{key}` of {where!r}")
   return names
 
@@ -1085,13 +1110,16 @@ def _read(model: _Model, planned: _Planned) -> np.ndarray:
 
 
 def _legacy_root(model: _Model):
+  if model.legacy_root is not None:
+    return model.legacy_root
   weights_group = _child(model, model.h5, "model_weights")
   root = model.h5 if weights_group is None else weights_group
-  if not isinstance(root, _h5py().Group) or "layer_names" not in root.attrs:
+  if not isinstance(root, _h5py().Group) or not _has_names(root.attrs, "layer_names"):
     raise ValueError(
       f"{model.path}: the legacy HDF5 weights have no `layer_names` attribute; the file is "
       "truncated or not written by Keras."
     )
+  model.legacy_root = root
   return root
 
 
@@ -1106,7 +1134,7 @@ def _legacy_layer_names(model: _Model, root) -> dict[str, int]:
 
 
 def _weight_names(model: _Model, group, where: str) -> list[str]:
-  if "weight_names" not in group.attrs:
+  if not _has_names(group.attrs, "weight_names"):
     raise ValueError(f"{model.path}: the group {where!r} has no `weight_names` attribute.")
   names = _names_attr(model, group, "weight_names", where)
   for n in names:
