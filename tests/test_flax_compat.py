@@ -61,3 +61,62 @@ def test_rejects_other_layers():
     flax_compat.from_flax_batch_norm(nn.Dense(3))
   with pytest.raises(TypeError, match="`variables` are needed"):
     flax_compat.from_flax_batch_norm(nn.BatchNorm())
+
+
+def _linen_vars(**changes):
+  variables = {
+    "params": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)},
+    "batch_stats": {"mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)},
+  }
+  for key, value in changes.items():
+    collection = "params" if key in ("scale", "bias") else "batch_stats"
+    if value is None:
+      del variables[collection][key]
+    else:
+      variables[collection][key] = value
+  return variables
+
+
+@pytest.mark.parametrize(
+  ("changes", "error", "message"),
+  [
+    ({"var": np.ones(3, np.complex64)}, TypeError, r"'var' has dtype complex64.*real floating"),
+    ({"mean": np.arange(3)}, TypeError, r"'mean' has dtype int64"),
+    ({"scale": None}, ValueError, r"lack \['scale'\] \(use_scale=True"),
+    ({"bias": None}, ValueError, r"lack \['bias'\]"),
+    ({"var": np.ones(4, np.float32)}, ValueError, r"shapes differ.*'var': \(4,\)"),
+    ({"var": np.ones(0, np.float32), "mean": np.ones(0, np.float32),
+      "scale": np.ones(0, np.float32), "bias": np.ones(0, np.float32)},
+     ValueError, r"shape \(0,\); a non-empty"),
+  ],
+)  # fmt: skip
+def test_flax_variables_are_checked_at_load(changes, error, message):
+  with pytest.raises(error, match=rf"Flax BatchNorm: .*{message}"):
+    flax_compat.from_flax_batch_norm(nn.BatchNorm(), _linen_vars(**changes))
+
+
+def test_flax_variables_without_scale_need_use_scale_false():
+  variables = _linen_vars(scale=None)
+  layer, converted = flax_compat.from_flax_batch_norm(nn.BatchNorm(use_scale=False), variables)
+  assert not layer.scale and "gamma" not in converted["params"]
+  with pytest.raises(ValueError, match=r"have \['scale'\], but the layer has use_scale=False"):
+    flax_compat.from_flax_batch_norm(nn.BatchNorm(use_scale=False), _linen_vars())
+
+
+def test_nnx_feature_count_is_checked():
+  flax_layer = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  flax_layer.var = nnx.BatchStat(jnp.ones(4))
+  flax_layer.mean = nnx.BatchStat(jnp.zeros(4))
+  flax_layer.scale = nnx.Param(jnp.ones(4))
+  flax_layer.bias = nnx.Param(jnp.zeros(4))
+  with pytest.raises(ValueError, match=r"Flax BatchNorm: the variables have the shape \(4,\)"):
+    flax_compat.from_flax_batch_norm(flax_layer)
+
+
+def test_suspicious_flax_values_load_with_a_warning():
+  variables = _linen_vars(var=np.array([1.0, -1.0, np.nan], np.float32))
+  with pytest.warns(
+    UserWarning, match=r"1 non-finite value in 'var', 1 negative value in 'var'; loaded as they"
+  ):
+    _, converted = flax_compat.from_flax_batch_norm(nn.BatchNorm(), variables)
+  np.testing.assert_array_equal(converted["batch_stats"]["moving_variance"], [1.0, -1.0, np.nan])
