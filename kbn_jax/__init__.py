@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 __all__ = (
   "BatchNormalization",
   "diagnostics",
+  "equinox",
   "flax_compat",
   "folding",
   "functional",
+  "haiku",
   "keras_compat",
   "nnx",
   "torch_compat",
@@ -24,8 +26,10 @@ __all__ = (
 
 _LAZY_MODULES = (
   "diagnostics",
+  "equinox",
   "flax_compat",
   "folding",
+  "haiku",
   "keras_compat",
   "nnx",
   "torch_compat",

@@ -9,9 +9,11 @@ import kbn_jax
 EXPECTED_API = {
   "BatchNormalization",
   "diagnostics",
+  "equinox",
   "flax_compat",
   "folding",
   "functional",
+  "haiku",
   "keras_compat",
   "nnx",
   "torch_compat",
