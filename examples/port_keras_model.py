@@ -9,7 +9,7 @@ mirroring ``keras.applications.mobilenet_v2`` with Keras's layer names) and `por
 every weight from the file. Batch norms come from `keras_compat.load_batch_norms` (with the
 semantics the file was saved with) and are placed by `keras_compat.graft_batch_norms`, which
 checks that every batch norm of the file found its place; every other layer's weights come from
-`keras_compat.load_keras_h5_weights` (the same safe reader). Layer by layer:
+`keras_compat.load_layer_weights` (the same safe reader). Layer by layer:
 
 * ``Conv2D`` kernels ``(kh, kw, in, out)`` are Flax's layout as they are;
 * ``DepthwiseConv2D`` kernels ``(kh, kw, C, 1)`` become ``(kh, kw, 1, C)`` for ``nn.Conv`` with
@@ -106,7 +106,7 @@ def port(path: Path, input_shape=(1, 32, 32, 3)) -> tuple[MobileNetV2, dict]:
   for name, layer in params.items():
     if name in batch_norms:
       continue
-    kernel, *bias = keras_compat.load_keras_h5_weights(path, name)
+    kernel, *bias = keras_compat.load_layer_weights(path, name)
     if name.endswith("depthwise"):
       kernel = np.transpose(kernel, (0, 1, 3, 2))  # (kh, kw, C, 1) -> (kh, kw, 1, C)
     assert kernel.shape == layer["kernel"].shape, (name, kernel.shape, layer["kernel"].shape)

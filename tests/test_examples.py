@@ -100,3 +100,20 @@ def test_digits_example_trains_with_nnx(runs):
   output = run.output_tail()
   assert code == 0, f"train_digits.py --quick --api nnx exited with {code}; output:\n{output}"
   assert "(nnx)" in output and "test accuracy" in output, output
+
+
+@pytest.mark.parametrize(
+  ("script", "expected"),
+  [
+    ("port_keras_model.py", "mobilenet_v2_tf_keras.h5: 52 batch norms, semantics keras_v2"),
+    ("port_torch_model.py", "resnet18_w8.npz: 20 batch norms, semantics torch"),
+  ],
+)
+def test_whole_model_ports_report_their_match(script, expected, runs):
+  """Issue 20 item 3: each port checks itself against the library's recorded logits."""
+  run = runs[script]
+  code = run.wait()
+  output = run.output_tail()
+  assert code == 0, f"{script} --quick exited with {code}; output:\n{output}"
+  assert expected in output.splitlines(), output
+  assert "largest relative difference from" in output, output
