@@ -62,10 +62,11 @@ class _Run:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   started = {p.name: _Run(p, tmp_path_factory.mktemp(p.stem)) for p in EXAMPLES}
-  nnx_digits = EXAMPLES_DIR / "train_digits.py"
-  started["train_digits.py --api nnx"] = _Run(
-    nnx_digits, tmp_path_factory.mktemp("train_digits_nnx"), ("--api", "nnx")
-  )
+  digits = EXAMPLES_DIR / "train_digits.py"
+  for api in ("nnx", "equinox", "haiku"):
+    started[f"train_digits.py --api {api}"] = _Run(
+      digits, tmp_path_factory.mktemp(f"train_digits_{api}"), ("--api", api)
+    )
   yield started
   for run in started.values():
     run.stop()
@@ -93,13 +94,14 @@ def test_raw_jax_example_imports_neither_flax_nor_optax(runs):
   assert "test accuracy" in output
 
 
-def test_digits_example_trains_with_nnx(runs):
-  """Issue 11 item 7: the same CNN in Flax NNX (`kbn_jax.nnx.BatchNormalization`)."""
-  run = runs["train_digits.py --api nnx"]
+@pytest.mark.parametrize("api", ["nnx", "equinox", "haiku"])
+def test_digits_example_trains_in_every_library(runs, api):
+  """The same CNN in Flax NNX (issue 11), Equinox and Haiku (issue 19) with their kbn_jax layer."""
+  run = runs[f"train_digits.py --api {api}"]
   code = run.wait()
   output = run.output_tail()
-  assert code == 0, f"train_digits.py --quick --api nnx exited with {code}; output:\n{output}"
-  assert "(nnx)" in output and "test accuracy" in output, output
+  assert code == 0, f"train_digits.py --quick --api {api} exited with {code}; output:\n{output}"
+  assert f"({api})" in output and "test accuracy" in output, output
 
 
 @pytest.mark.parametrize(
