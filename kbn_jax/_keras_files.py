@@ -1139,10 +1139,11 @@ def _weight_names(model: _Model, group, where: str) -> list[str]:
   names = _names_attr(model, group, "weight_names", where)
   for n in names:
     if not n or n.startswith("/") or any(p in ("", ".", "..") for p in n.split("/")):
-      raise ValueError(f"{model.path}: refusing the weight name {n!r} in {where!r}.")
+      raise ValueError(f"{model.label()}: refusing the weight name {n!r} in {where!r}.")
   if len(set(names)) != len(names):
-    twice = sorted({n for n in names if names.count(n) > 1})
-    raise ValueError(f"{model.path}: {where!r} lists the weights {twice} more than once.")
+    seen: set[str] = set()
+    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    raise ValueError(f"{model.label()}: {where!r} lists the weights {twice} more than once.")
   return names
 
 

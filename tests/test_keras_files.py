@@ -582,7 +582,7 @@ def test_string_datasets_are_refused(tmp_path):
     group = file["model_weights/bn/bn"]
     del group["gamma:0"]
     group.create_dataset("gamma:0", data=np.array([b"a", b"b", b"c"]))
-  with pytest.raises(ValueError, match=r"m\.h5: layer 'bn': weight 'bn/gamma:0'.*dtype \|S1, not a real"):
+  with pytest.raises(ValueError, match=r"m\.h5: layer 'bn': weight 'bn/gamma:0'.*dtype \|S1"):
     kf.read_batch_norm_layers(path)
 
 
@@ -596,7 +596,7 @@ def test_string_datasets_are_refused(tmp_path):
 def test_weight_names_cannot_escape_their_group(tmp_path, name, message):
   names = {"bn": [name, "bn/beta:0", "bn/moving_mean:0", "bn/moving_variance:0"]}
   path = _write_legacy(tmp_path / "m.h5", [(_bn_entry(), _bn_arrays())], {}, weight_names=names)
-  with pytest.raises(ValueError, match=rf"m\.h5: {message}"):
+  with pytest.raises(ValueError, match=rf"m\.h5: layer 'bn': {message}"):
     kf.read_batch_norm_layers(path)
 
 
@@ -613,7 +613,7 @@ def test_links_are_refused(tmp_path, link):
       group["gamma:0"] = h5py.SoftLink("/model_weights/bn/bn/beta:0")
     else:
       group["gamma:0"] = h5py.ExternalLink(str(other), "/secret")
-  with pytest.raises(ValueError, match=r"m\.h5: layer 'bn': refusing the (SoftLink|ExternalLink) at"):
+  with pytest.raises(ValueError, match=r"m\.h5: layer 'bn': refusing the (Soft|External)Link at"):
     kf.read_batch_norm_layers(path)
 
 
