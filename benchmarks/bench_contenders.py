@@ -1,4 +1,4 @@
-"""Contenders for the benchmark: kbn_jax, Flax, Keras 3 (JAX backend), tf_keras V1, x * a + b.
+"""Contenders for the benchmark: kbn_jax, Flax, Equinox, Haiku, Keras 3 (JAX), tf_keras V1, x*a+b.
 
 Each builder takes a `Config` and a workload name and returns a `_timing.Contender` (or None
 when that library has no such layer or option). The workloads are:
@@ -37,6 +37,10 @@ PLAIN = "kbn_jax (plain BN)"
 FUNCTIONAL = "kbn_jax (functional)"
 NNX = "kbn_jax (nnx)"
 FLAX_NNX = "nnx.BatchNorm"
+EQUINOX = "kbn_jax (equinox)"
+EQX_PEER = "eqx.nn.BatchNorm"
+HAIKU = "kbn_jax (haiku)"
+HK_PEER = "hk.BatchNorm"
 FLOOR = "x*a+b (floor)"
 
 
@@ -290,6 +294,110 @@ def flax_nnx_contender(config: Config, workload: str):
 
 
 # --------------------------------------------------------------------------------------------
+# Equinox (per example under jax.vmap, state in eqx.nn.State) and Haiku (transform_with_state)
+
+
+def equinox_available() -> bool:
+  return importlib.util.find_spec("equinox") is not None
+
+
+def haiku_available() -> bool:
+  return importlib.util.find_spec("haiku") is not None
+
+
+def _per_example_channels_first(config: Config) -> bool:
+  """Whether one example has its channels on axis 0 (NCHW or dense), as `eqx.nn.BatchNorm` asks."""
+  return config.axis % len(config.shape) == 1
+
+
+def _equinox_contender(name, make_layer, config: Config, workload: str):
+  """Times an Equinox stateful layer the Equinox way: per example under ``jax.vmap``.
+
+  ``call(params, x, state, training)`` combines the array fields with the static rest, vmaps the
+  layer over the batch with ``axis_name="batch"`` (the state unmapped) and returns ``(y,
+  state)``, which `_workload_fn` turns into the workload.
+  """
+  import equinox as eqx  # noqa: PLC0415
+
+  x, ct = inputs(config.shape)
+  layer, state = eqx.nn.make_with_state(make_layer)()
+  params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+  def call(params, x, state, training):
+    layer = eqx.combine(params, static)
+    one = lambda x, state: layer(x, state, inference=not training)  # noqa: E731
+    return jax.vmap(one, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+  compiled = jax.jit(_workload_fn(call, workload))
+  return Contender(name, lambda: compiled(params, state, x, ct)), _compile_builder(
+    call, workload, (params, state, x, ct)
+  )
+
+
+def kbn_equinox_contender(config: Config, workload: str):
+  """kbn_jax.equinox.BatchNormalization, per example (`axis` counted in one example)."""
+  if config.variant or not equinox_available():
+    return None, None
+  import kbn_jax.equinox  # noqa: PLC0415
+
+  axis = config.axis - 1 if config.axis > 0 else config.axis
+  kwargs = {"axis": axis, "momentum": MOMENTUM, "epsilon": EPSILON}
+  make = functools.partial(kbn_jax.equinox.BatchNormalization, config.channels, "batch", **kwargs)
+  return _equinox_contender(EQUINOX, make, config, workload)
+
+
+def eqx_contender(config: Config, workload: str):
+  """eqx.nn.BatchNorm (``mode="batch"``, the mode Equinox recommends), channels first only."""
+  if config.variant or not equinox_available() or not _per_example_channels_first(config):
+    return None, None
+  import equinox as eqx  # noqa: PLC0415
+
+  make = functools.partial(
+    eqx.nn.BatchNorm, config.channels, "batch", eps=EPSILON, momentum=MOMENTUM, mode="batch"
+  )
+  return _equinox_contender(EQX_PEER, make, config, workload)
+
+
+def _haiku_contender(name, make_layer, config: Config, workload: str):
+  """Times a Haiku layer in ``hk.transform_with_state``: ``apply(params, state, x, training)``."""
+  import haiku as hk  # noqa: PLC0415
+
+  x, ct = inputs(config.shape)
+  model = hk.transform_with_state(lambda x, is_training: make_layer()(x, is_training))
+  params, state = model.init(jax.random.key(0), x, True)
+
+  def call(params, x, state, training):
+    return model.apply(params, state, None, x, training)
+
+  compiled = jax.jit(_workload_fn(call, workload))
+  return Contender(name, lambda: compiled(params, state, x, ct)), _compile_builder(
+    call, workload, (params, state, x, ct)
+  )
+
+
+def kbn_haiku_contender(config: Config, workload: str):
+  """kbn_jax.haiku.BatchNormalization."""
+  if config.variant or not haiku_available():
+    return None, None
+  import kbn_jax.haiku  # noqa: PLC0415
+
+  kwargs = {"axis": config.axis, "momentum": MOMENTUM, "epsilon": EPSILON}
+  make = functools.partial(kbn_jax.haiku.BatchNormalization, **kwargs)
+  return _haiku_contender(HAIKU, make, config, workload)
+
+
+def hk_contender(config: Config, workload: str):
+  """hk.BatchNorm with scale and offset (``data_format`` from the configuration's axis)."""
+  if config.variant or not haiku_available():
+    return None, None
+  import haiku as hk  # noqa: PLC0415
+
+  data_format = "channels_first" if _per_example_channels_first(config) else "channels_last"
+  make = functools.partial(hk.BatchNorm, True, True, MOMENTUM, eps=EPSILON, data_format=data_format)
+  return _haiku_contender(HK_PEER, make, config, workload)
+
+
+# --------------------------------------------------------------------------------------------
 # Keras 3 on the JAX backend, through stateless_call
 
 
@@ -411,6 +519,10 @@ def contenders(config: Config, workload: str, *, plain_refs: bool = True):
     lambda: flax_nnx_contender(config, workload),
     lambda: flax_contender(config, workload, fast_variance=True),
     lambda: flax_contender(config, workload, fast_variance=False),
+    lambda: kbn_equinox_contender(config, workload),
+    lambda: eqx_contender(config, workload),
+    lambda: kbn_haiku_contender(config, workload),
+    lambda: hk_contender(config, workload),
     lambda: keras3_contender(config, workload),
     lambda: tf_keras_contender(config, workload),
     lambda: floor_contender(config, workload),
@@ -471,9 +583,13 @@ def activation_traffic(hlo_text: str, size: int) -> tuple[int, int]:
 
 __all__ = [
   "CONFIGS",
+  "EQUINOX",
+  "EQX_PEER",
   "FLAX_NNX",
   "FLOOR",
   "FUNCTIONAL",
+  "HAIKU",
+  "HK_PEER",
   "NNX",
   "OURS",
   "PLAIN",
@@ -481,6 +597,8 @@ __all__ = [
   "Config",
   "activation_traffic",
   "contenders",
+  "equinox_available",
+  "haiku_available",
   "kbn_nnx_available",
   "keras3_available",
   "tf_keras_available",

@@ -1,4 +1,4 @@
-"""Benchmark kbn_jax against Flax, Keras 3 (JAX), tf_keras V1 and the ``x * a + b`` floor.
+"""Benchmark kbn_jax against Flax, Equinox, Haiku, Keras 3 (JAX), tf_keras V1 and ``x * a + b``.
 
 Usage::
 
@@ -13,8 +13,10 @@ Four parts:
 1. Per layer configuration and workload, every contender timed interleaved in this one process
    (see `_timing.py`): kbn_jax's linen Module, the pure `kbn_jax.functional.batch_normalization`,
    `kbn_jax.nnx.BatchNormalization` (if present) and `flax.nnx.BatchNorm` under `nnx.jit`,
-   `flax.linen.BatchNorm`, Keras 3 (when ``KERAS_BACKEND=jax`` and keras 3 is installed), tf_keras
-   (when importable here) and the ``x * a + b`` floor. This process first calls
+   `flax.linen.BatchNorm`, `kbn_jax.equinox.BatchNormalization` and `eqx.nn.BatchNorm` (per
+   example under ``jax.vmap``), `kbn_jax.haiku.BatchNormalization` and `hk.BatchNorm` (in
+   ``hk.transform_with_state``), Keras 3 (when ``KERAS_BACKEND=jax`` and keras 3 is
+   installed), tf_keras (when importable here) and the ``x * a + b`` floor. This process first calls
    `kbn_jax.cpu.tune_malloc()` (``--default-malloc`` to skip), so every JAX contender reuses
    heap memory instead of page-faulting on fresh mmaps.
 2. A model-level step (`bench_model.py`): an 8-layer conv net with kbn_jax, Flax or no BN; time
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
   print(f"allocator (this process): {_allocator(args)}")
   if not bc.kbn_nnx_available():
     print(f"note: kbn_jax.nnx is not importable; the `{bc.NNX}` rows are skipped.")
+  for library, available in (("equinox", bc.equinox_available()), ("haiku", bc.haiku_available())):
+    if not available:
+      print(f"note: {library} is not importable; its rows are skipped.")
   if not bc.keras3_available():
     print("note: Keras 3 (JAX backend) is not available; its rows are skipped.")
   if not bc.tf_keras_available():
@@ -253,7 +258,10 @@ def _report(results, configs, args) -> str:
     f"`{OURS}`). `{bc.PLAIN}` is the same layer without renorm or ghost batches; "
     f"`{bc.FUNCTIONAL}` is `kbn_jax.functional.batch_normalization` under `jax.jit`; "
     f"`{bc.NNX}` and `{bc.FLAX_NNX}` run under `nnx.jit` (training step: `nnx.split`, "
-    "`jax.vjp`, `nnx.update`).",
+    "`jax.vjp`, `nnx.update`). "
+    f"`{bc.EQUINOX}` and `{bc.EQX_PEER}` (`mode='batch'`) run per example under "
+    "`jax.vmap(..., axis_name='batch')` (the peer on channels-first configurations only); "
+    f"`{bc.HAIKU}` and `{bc.HK_PEER}` in `hk.transform_with_state`.",
     f"- Allocator of this process: {_allocator(args)}.",
     "- float32 inputs; momentum 0.99, epsilon 1e-3 everywhere; renorm clipping "
     f"{bc.RENORM_CLIPPING}; ghost batches of 16.",
@@ -365,6 +373,10 @@ def _checks(results, config):
       yield f"compile: `{OURS}` / `flax` <= 1.0", r, r <= 1.0
     r = ratio("train_step", bc.FLAX_NNX, bc.NNX)
     yield f"train step: `{bc.FLAX_NNX}` / `{bc.NNX}` > 1", r, r is not None and r > 1.0
+    for peer, ours in ((bc.EQX_PEER, bc.EQUINOX), (bc.HK_PEER, bc.HAIKU)):
+      r = ratio("train_step", peer, ours)
+      if r is not None:  # measured where both libraries are installed and the layout fits
+        yield f"train step: `{peer}` / `{ours}` > 1", r, r > 1.0
     r = ratio("infer", bc.NNX, bc.FLOOR)
     yield (
       f"infer: `{bc.NNX}` (with `nnx.jit`'s per-call cost) / `{bc.FLOOR}` <= 1.05",
