@@ -11,6 +11,7 @@ has found a place of the right size and every place has got one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -144,7 +145,7 @@ def graft_batch_norms(
     problems += _size_problems(name, path, variables, place)
     if is_nnx:
       problems += _setting_problems(name, path, module, places[path])
-  reused = sorted({p for p in paths.values() if list(paths.values()).count(p) > 1})
+  reused = sorted(path for path, count in Counter(paths.values()).items() if count > 1)
   report = [
     (f"`names` keys that were not loaded: {unknown}", unknown),
     (f"loaded batch norms with no place: {', '.join(homeless)}", homeless),
