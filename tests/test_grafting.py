@@ -69,6 +69,7 @@ def test_linen_graft_places_every_layer_and_keeps_the_rest():
       jax.tree.map(np.testing.assert_array_equal, node, values)
   kernel = grafted["params"]["block1"]["dense"]["kernel"]
   np.testing.assert_array_equal(kernel, variables["params"]["block1"]["dense"]["kernel"])
+  np.testing.assert_array_equal(variables["batch_stats"]["bn_in"]["moving_mean"], 0.0)  # a copy
   # Invariant: the grafted model is the loaded layers composed with the model's own Dense.
   expected = X
   for name, dense in (("bn_in", "block1"), ("b1", "block2"), ("block2/bn", None)):
