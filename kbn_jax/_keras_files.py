@@ -64,6 +64,7 @@ A trusted file larger than the defaults allow is read with a raised limit:
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import io
@@ -72,6 +73,7 @@ import math
 import os
 import re
 import stat
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -120,7 +122,8 @@ class Limits:
     max_json_depth: the deepest nesting of JSON arrays and objects in a config.
     max_model_nesting: the deepest nesting of models used as layers.
     max_layers: the most layers in a model config (nested ones included).
-    max_names: the most entries of one name list (``layer_names``, ``weight_names``).
+    max_names: the most entries of one name list (``layer_names``, ``weight_names``), and the
+      most members of a zip archive.
     max_hdf5_visits: the most HDF5 objects the reader may open or list for one file.
   """
 
@@ -592,7 +595,26 @@ def _from_h5(name: str, file, limits: Limits, budget: _Budget) -> _Model:
   return model
 
 
+def _zip_entry_count(file, size: int) -> int | None:
+  """The entry count of a zip's end record (None for zip64 or when not found), read first."""
+  tail = min(size, 22 + 65535)
+  file.seek(size - tail)
+  data = file.read(tail)
+  file.seek(0)
+  at = data.rfind(b"PK\x05\x06")
+  if at < 0 or len(data) - at < 22:
+    return None
+  count = struct.unpack("<H", data[at + 10 : at + 12])[0]
+  return None if count == 0xFFFF else count
+
+
 def _from_zip(name: str, file, stack: list, need_weights: bool, limits, budget) -> _Model:
+  count = _zip_entry_count(file, budget.file_size)
+  if count is not None and count > limits.max_names:
+    raise ValueError(
+      f"{name}: the zip archive lists {count} members, over the cap of {limits.max_names} "
+      f"(a .keras archive has a few; {_RAISE_LIMITS})."
+    )
   archive = zipfile.ZipFile(file, "r")
   stack.append(archive.close)
   names = archive.namelist()
@@ -688,12 +710,9 @@ def _check_json_depth(value: Any, max_depth: int, where: str) -> None:
   stack = [(value, 1)]
   while stack:
     item, depth = stack.pop()
-    if isinstance(item, dict):
-      children = item.values()
-    elif isinstance(item, list):
-      children = item
-    else:
+    if not isinstance(item, (dict, list)):
       continue
+    children = item.values() if isinstance(item, dict) else item
     if depth > max_depth:
       raise ValueError(
         f"The JSON {where} is nested deeper than {max_depth} levels; no Keras config is "
@@ -735,7 +754,10 @@ def _attach_config(model: _Model, config_path, model_config, limits: Limits) -> 
     if model.version_source == "the model config's JSON":
       model.version_source = "model_config"
     return
-  source = os.fspath(config_path)
+  try:
+    source = os.fspath(config_path)
+  except TypeError:
+    raise TypeError(f"config_path must be a str or os.PathLike, got {config_path!r}.") from None
   with _open_model(source, None, None, limits, need_weights=False) as other:
     if other.layers is None:
       raise ValueError(f"config_path={source} holds no model config ({other.format_description}).")
@@ -1141,8 +1163,7 @@ def _weight_names(model: _Model, group, where: str) -> list[str]:
     if not n or n.startswith("/") or any(p in ("", ".", "..") for p in n.split("/")):
       raise ValueError(f"{model.label()}: refusing the weight name {n!r} in {where!r}.")
   if len(set(names)) != len(names):
-    seen: set[str] = set()
-    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    twice = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     raise ValueError(f"{model.label()}: {where!r} lists the weights {twice} more than once.")
   return names
 
@@ -1336,7 +1357,8 @@ def _check_batch_norm_shapes(label: str, layer: _Layer, names, shapes) -> None:
     if any(a >= rank or a < -rank for a in axes):
       raise ValueError(f"{label}: axis {axes} is out of range for the input {layer.input_shape}.")
     dims = [layer.input_shape[a] for a in axes]
-    if all(d is not None for d in dims) and math.prod(shape) != math.prod(dims):
+    known = [d for d in dims if d is not None]
+    if len(known) == len(dims) and math.prod(shape) != math.prod(known):
       raise ValueError(
         f"{label}: its weights have the shape {shape}, but the input {layer.input_shape} has "
         f"{tuple(dims)} features on axis {axes}."

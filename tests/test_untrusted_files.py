@@ -449,3 +449,21 @@ def test_suspicious_values_load_with_a_warning(tmp_path):
   ):
     layers = keras_compat.load_batch_norms(path)
   np.testing.assert_array_equal(layers["bn"][1]["params"]["gamma"], [1.0, np.nan, np.inf])
+
+
+def test_zip_member_count_is_checked_before_the_archive_is_parsed(tmp_path):
+  members = [(f"m{i}", b"", 0, None) for i in range(5)]
+  path = _raw_zip(tmp_path / "many.keras", members)
+  with pytest.raises(ValueError, match=r"many\.keras: the zip archive lists 5 members, over the"):
+    kf.read_batch_norm_layers(path, limits=kf.Limits(max_names=4))
+  with pytest.raises(ValueError, match=r"many\.keras is a zip archive but not a \.keras model"):
+    kf.read_batch_norm_layers(path)
+
+
+def test_bad_arguments_are_type_errors():
+  with pytest.raises(TypeError, match=r"config_path must be a str or os\.PathLike, got 3"):
+    kf.read_batch_norm_layers(FIXTURES / "k3_convnet.weights.h5", config_path=3)
+  with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got None"):
+    kf.read_batch_norm_layers(None)
+  with pytest.raises(TypeError, match=r"layer_name must be a non-empty str, got 5"):
+    kf.read_layer_weights(FIXTURES / "k3_convnet.keras", 5)
