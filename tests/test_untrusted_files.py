@@ -3,7 +3,8 @@
 The corpus is built here, with h5py's low-level writes and a raw zip writer. The hostile cases run
 in a few subprocesses that import only the reader (`kbn_jax._keras_files`, NumPy, h5py) under an
 address-space cap and a timeout, and report each case's outcome, time and the process's peak
-memory: a case that hangs (a FIFO) fails by the timeout, one that inflates a bomb fails by memory.
+memory (VmHWM): a case that hangs (a FIFO) fails by the timeout, one that inflates a bomb by the
+peak.
 """
 
 from __future__ import annotations
@@ -250,6 +251,16 @@ _WORKER = textwrap.dedent(
   sys.modules["kbn_jax"] = package
   import kbn_jax._keras_files as kf
   import h5py, numpy
+
+  def peak_mb():
+    # This process's own peak RSS: VmHWM starts afresh at exec, while ru_maxrss carries the
+    # parent's peak (pytest's) across fork and exec.
+    try:
+      with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+    except OSError:
+      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
   cap = 2 << 30
   resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
   out = []
@@ -261,7 +272,7 @@ _WORKER = textwrap.dedent(
     except BaseException as error:
       outcome = [type(error).__name__, str(error)]
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     out.append(outcome + [seconds, peak])
     print(json.dumps(out[-1]), flush=True)
   """
