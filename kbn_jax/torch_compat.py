@@ -40,7 +40,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from kbn_jax import _grafting
+from kbn_jax import _grafting, _suspicious
 from kbn_jax.layers import BatchNormalization
 
 _PARAMS = {"weight": "gamma", "bias": "beta"}
@@ -165,15 +165,11 @@ def _counter(value: Any, key: str) -> int:
 
 def _warn_suspicious(arrays: Mapping[str, np.ndarray], layer: str) -> None:
   """Warns for NaN/Inf values and negative variances, which PyTorch loads silently."""
-  counts = {key: int(np.sum(~np.isfinite(a))) for key, a in arrays.items()}
-  found = [f"{n} non-finite in {k!r}" for k, n in counts.items() if n]
-  if "running_var" in arrays:
-    negative = int(np.sum(arrays["running_var"] < 0))
-    if negative:
-      found.append(f"{negative} negative in 'running_var' (inference gives NaN there)")
+  found = _suspicious.describe(arrays, variances=("running_var",))
   if found:
     warnings.warn(
-      f"PyTorch batch norm {layer}: {', '.join(found)}; loaded as they are, as PyTorch does.",
+      f"PyTorch batch norm {layer}: {found}; loaded as they are, as PyTorch does (inference "
+      "gives NaN where a running variance is negative).",
       stacklevel=3,
     )
 

@@ -112,12 +112,13 @@ def test_invalid_values_raise_naming_the_key(state, error, message):
 def test_suspicious_values_load_with_a_warning_naming_layer_and_count():
   bad = {"bn1.running_var": np.array([1.0, -2.0, np.nan], np.float32)}
   bad["bn1.weight"] = np.array([np.inf, 1.0, 1.0], np.float32)
-  with pytest.warns(UserWarning, match="'bn1': 1 non-finite in 'weight', 1 non-finite in "):
+  expected = "'bn1': 1 non-finite value in 'weight', 1 non-finite value in 'running_var', 1 neg"
+  with pytest.warns(UserWarning, match=expected):
     _, variables = torch_compat.from_state_dict({**_MODEL, **bad}, prefix="bn1.")
   np.testing.assert_array_equal(variables["batch_stats"]["moving_variance"], [1.0, -2.0, np.nan])
-  with pytest.warns(UserWarning, match="1 negative in 'running_var'"):
+  with pytest.warns(UserWarning, match="1 negative value in 'running_var'"):
     torch_compat.from_state_dict({**_MODEL, **bad}, prefix="bn1.")
-  with pytest.warns(UserWarning, match="3 non-finite in 'bias'"):  # float64 beyond float32
+  with pytest.warns(UserWarning, match="3 non-finite values in 'bias'"):  # float64 beyond float32
     torch_compat.from_state_dict(_state(bias=np.full(3, 1e300)))
 
 
