@@ -386,6 +386,17 @@ def test_slash_names_are_keys(name):
   assert kernel.shape == (3, 3, 4, 5) and bias.shape == (5,)
 
 
+def test_slash_names_in_a_legacy_weights_file_without_config():
+  """save_weights(.h5) lists 'conv1/bn' in layer_names: found by its name, no config needed."""
+  path = FIXTURES / "tfk_slash_weights.h5"
+  with np.load(FIXTURES / "tfk_slash.npz") as reference:
+    for key in SLASH_KEYS:
+      for i, got in enumerate(kf.read_layer_weights(path, key)):
+        np.testing.assert_array_equal(got, reference[f"{key}/w_before/{i}"])
+  with pytest.raises(kf.LayerNotFoundError, match=r"'bn' is ambiguous: it is inside"):
+    kf.read_layer_weights(path, "bn")
+
+
 @pytest.mark.parametrize("name", ["tfk_slash.weights.h5", "tfk_slash_weights.h5"])
 def test_to_json_config_gives_the_keras_version(name):
   """tf_keras writes keras_version on top of model.to_json(): the weights load as keras_v2."""
