@@ -99,7 +99,11 @@ def detect(class_name: Any, config: Mapping[str, Any], facts: FileFacts | None) 
   Returns:
     The `Detection`.
   """
-  what = "the config records" if facts is None else "neither the file nor its config records"
+  nothing = (
+    "the config records no Keras version and no Keras 3 marker"
+    if facts is None
+    else "neither the file nor its config records a Keras version or a Keras 3 marker"
+  )
   facts = facts or FileFacts()
   version, backend = facts.keras_version, (facts.backend or "").lower()
   source = f" ({facts.version_source})" if facts.version_source else ""
@@ -158,8 +162,7 @@ def detect(class_name: Any, config: Mapping[str, Any], facts: FileFacts | None) 
       "2.13-2.15) under TF2, where BatchNormalization is the V2 class.",
       False,
     )
-  evidence = f"{what} no Keras version and no Keras 3 marker; V1 assumed (kbn_jax's default)."
-  return Detection("keras_v1", evidence, True)
+  return Detection("keras_v1", f"{nothing}; V1 assumed (kbn_jax's default).", True)
 
 
 def semantics_of_config(config: Mapping[str, Any], *, trainable: Any, stacklevel: int) -> str:

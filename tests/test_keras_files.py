@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from kbn_jax import _keras_files as kf
+from kbn_jax import _keras_semantics
 
 FIXTURES = Path(__file__).resolve().parent / "keras_files" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -344,7 +345,7 @@ def _write_legacy(path, layers, attrs=None, model_config=True, weight_names=None
     ({}, None, {"dtype": {"class_name": "DTypePolicy", "config": {}}}, "keras3", False, "DType"),
     ({"keras_version": "2.21.0"}, "BatchNormalizationV1", {}, "keras_v1", False, "V1"),
     ({"keras_version": "2.2.4-tf"}, "BatchNormalizationV2", {}, "keras_v2", False, "V2"),
-    ({}, None, {}, "keras_v1", True, "no Keras version"),
+    ({}, None, {}, "keras_v1", True, "nor its config records a Keras version"),
   ],
 )
 def test_semantics_rules(tmp_path, attrs, class_name, extra, semantics, ambiguous, evidence):
@@ -354,6 +355,24 @@ def test_semantics_rules(tmp_path, attrs, class_name, extra, semantics, ambiguou
   assert (record.semantics, record.ambiguous) == (semantics, ambiguous)
   assert evidence in record.semantics_evidence
   assert record.class_name == (class_name or "BatchNormalization")
+
+
+@pytest.mark.parametrize(
+  ("config", "semantics", "ambiguous"),
+  [
+    ({"class_name": "BatchNormalizationV2", "config": {}}, "keras_v2", False),
+    ({"class_name": "BatchNormalization", "config": {"synchronized": False}}, "keras3", False),
+    ({"dtype": {"class_name": "DTypePolicy", "config": {"name": "float32"}}}, "keras3", False),
+    ({"axis": -1, "momentum": 0.9}, "keras_v1", True),
+  ],
+)
+def test_bare_configs_follow_the_same_rules_without_file_facts(config, semantics, ambiguous):
+  inner = config.get("config", config)
+  detection = _keras_semantics.detect(config.get("class_name"), inner, None)
+  assert (detection.semantics, detection.ambiguous) == (semantics, ambiguous)
+  if ambiguous:
+    assert detection.evidence.startswith("the config records no Keras version")
+  assert _keras_semantics.semantics_of_config(config, trainable=True, stacklevel=1) == semantics
 
 
 def test_semantics_from_a_bare_config_module(tmp_path):
