@@ -588,10 +588,10 @@ def _from_h5(name: str, file, limits: Limits, budget: _Budget) -> _Model:
     if source is None:
       continue
     if model.keras_version is None and "keras_version" in source.attrs:
-      model.keras_version = _attr_text(_read_attr(model, source, "keras_version", "", 256))
+      model.keras_version = _attr_text(_read_attr(model, source, "keras_version", "", 256))[:256]
       model.version_source = "the HDF5 attributes"
     if model.backend is None and "backend" in source.attrs:
-      model.backend = _attr_text(_read_attr(model, source, "backend", "", 256))
+      model.backend = _attr_text(_read_attr(model, source, "backend", "", 256))[:64]
   return model
 
 
