@@ -8,7 +8,7 @@ which is how `BatchNormalization` applies them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +93,7 @@ def get(identifier: Any, *, argument: str = "constraint") -> Constraint | None:
     A projection, or ``None``.
   """
   if identifier is None or callable(identifier):
-    return identifier
+    return cast("Constraint | None", identifier)
   name, config = _keras_identifiers.parse(identifier, argument=argument)
   name = _ALIASES.get(name, name)
   if name not in _KERAS_CONSTRAINTS:

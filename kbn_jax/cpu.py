@@ -47,7 +47,7 @@ _M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 2**31 - 1
 
 
-def _glibc():
+def _glibc() -> ctypes.CDLL | None:
   """glibc's ``libc`` through ctypes, or None on another C library or platform."""
   if platform.system() != "Linux":
     return None
@@ -114,7 +114,7 @@ def tune_malloc(
       stacklevel=2,
     )
     return False
-  applied = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+  applied: bool = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
   applied &= libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
   if not applied:
     warnings.warn(

@@ -54,7 +54,7 @@ def nonfinite_statistics(variables: Any) -> Any:
     (all False for non-floating leaves). Jit-able.
   """
 
-  def mark(leaf):
+  def mark(leaf: Any) -> jax.Array:
     leaf = jnp.asarray(leaf)
     if not _is_float(leaf):
       return jnp.zeros(leaf.shape, bool)
@@ -91,11 +91,11 @@ def keep_finite(updated: Any, previous: Any) -> Any:
     A tree of the same structure as `updated`.
   """
 
-  def choose(new, old):
-    new = jnp.asarray(new)
-    if not _is_float(new):
-      return new
-    return jnp.where(jnp.isfinite(new), new, jnp.asarray(old).astype(new.dtype))
+  def choose(new: Any, old: Any) -> jax.Array:
+    value = jnp.asarray(new)
+    if not _is_float(value):
+      return value
+    return jnp.where(jnp.isfinite(value), value, jnp.asarray(old).astype(value.dtype))
 
   return jax.tree.map(choose, updated, previous)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ _TRUNCATED_STDDEV = 0.87962566103423978
 
 
 def _constant(value: float) -> Initializer:
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     del key
     return jnp.full(shape, value, dtype)
 
@@ -33,7 +33,7 @@ def _constant(value: float) -> Initializer:
 
 
 def _random_normal(mean: float, stddev: float) -> Initializer:
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     return (mean + stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
   return init
@@ -42,14 +42,14 @@ def _random_normal(mean: float, stddev: float) -> Initializer:
 def _random_uniform(minval: float, maxval: float | None) -> Initializer:
   maxval = 1.0 if maxval is None else maxval  # TF1 configs write None for the default 1.0
 
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, minval, maxval).astype(dtype)
 
   return init
 
 
 def _truncated_normal(mean: float, stddev: float) -> Initializer:
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     draw = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
     return (mean + stddev * draw).astype(dtype)
 
@@ -79,7 +79,7 @@ def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer
       "'untruncated_normal' or 'uniform'."
     )
 
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     fan_in, fan_out = keras_fans(tuple(shape))
     fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[mode]
     variance = scale / max(1.0, fan)
@@ -94,7 +94,7 @@ def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer
 
 
 def _orthogonal(gain: float) -> Initializer:
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     if len(shape) < 2:
       raise ValueError(
         f"The 'orthogonal' initializer needs a weight of rank >= 2; got shape {tuple(shape)}. "
@@ -106,19 +106,19 @@ def _orthogonal(gain: float) -> Initializer:
 
 
 def _identity(gain: float) -> Initializer:
-  def init(key, shape, dtype=jnp.float32):
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     del key
     if len(shape) != 2:
       raise ValueError(
         f"The 'identity' initializer needs a 2-D weight; got shape {tuple(shape)}. "
         "Use 'ones' for batch-norm weights."
       )
-    return gain * jnp.eye(*shape, dtype=dtype)
+    return gain * jnp.eye(shape[0], shape[1], dtype=dtype)
 
   return init
 
 
-def _scaling(scale: float, mode: str, distribution: str):
+def _scaling(scale: float, mode: str, distribution: str) -> Callable[[], Initializer]:
   return lambda: _variance_scaling(scale, mode, distribution)
 
 
@@ -169,7 +169,7 @@ def get(identifier: Any, *, argument: str = "initializer") -> Initializer:
     TypeError, ValueError: for identifiers that name no supported initializer.
   """
   if callable(identifier):
-    return identifier
+    return cast(Initializer, identifier)
   name, config = _keras_identifiers.parse(identifier, argument=argument)
   name = _ALIASES.get(name, name)
   if name not in _KERAS_INITIALIZERS:

@@ -7,7 +7,7 @@ Penalties equal Keras's exactly: ``L1`` is ``l1 * sum(|w|)`` and ``L2`` is ``l2 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +28,15 @@ def l1_l2(l1: float = 0.0, l2: float = 0.0) -> Regularizer:
   Returns:
     A function of the weight returning a float32 scalar.
   """
-  l1, l2 = np.float32(l1), np.float32(l2)
+  l1_f32, l2_f32 = np.float32(l1), np.float32(l2)
 
   def penalty(w: jax.Array) -> jax.Array:
     w = jnp.asarray(w, jnp.float32)
     total = jnp.zeros((), jnp.float32)
-    if l1:
-      total = total + l1 * jnp.sum(jnp.abs(w))
-    if l2:
-      total = total + l2 * jnp.sum(jnp.square(w))
+    if l1_f32:
+      total = total + l1_f32 * jnp.sum(jnp.abs(w))
+    if l2_f32:
+      total = total + l2_f32 * jnp.sum(jnp.square(w))
     return total
 
   return penalty
@@ -63,7 +63,7 @@ def get(identifier: Any, *, argument: str = "regularizer") -> Regularizer | None
     A penalty function, or ``None``.
   """
   if identifier is None or callable(identifier):
-    return identifier
+    return cast("Regularizer | None", identifier)
   name, config = _keras_identifiers.parse(identifier, argument=argument)
   if isinstance(identifier, Mapping) and name == "l1_l2":
     name = "l1l2"  # A serialized class "L1L2" or "l1_l2" uses the class defaults.
