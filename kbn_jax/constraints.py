@@ -15,6 +15,16 @@ import jax.numpy as jnp
 
 from kbn_jax import _keras_identifiers
 
+__all__ = [
+  "Constraint",
+  "get",
+  "max_norm",
+  "min_max_norm",
+  "non_neg",
+  "radial_constraint",
+  "unit_norm",
+]
+
 Constraint = Callable[[jax.Array], jax.Array]
 _KERAS_EPSILON = 1e-7  # backend.epsilon()
 

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["assert_finite", "has_nonfinite", "keep_finite", "nonfinite_statistics"]
+
 
 def _is_float(leaf: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)

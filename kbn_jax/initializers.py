@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from kbn_jax import _keras_identifiers
 
+__all__ = ["Initializer", "get", "keras_fans"]
+
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 # Keras's truncated normal keeps draws within 2 stddev; this rescales it to unit variance.

@@ -15,6 +15,8 @@ import numpy as np
 
 from kbn_jax import _keras_identifiers
 
+__all__ = ["Regularizer", "get", "l1_l2"]
+
 Regularizer = Callable[[jax.Array], jax.Array]
 
 
