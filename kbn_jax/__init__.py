@@ -41,7 +41,7 @@ def __getattr__(name: str):
   if name in _LAZY_MODULES:
     return importlib.import_module(f"kbn_jax.{name}")
   if name == "BatchNormalization":
-    return importlib.import_module("kbn_jax.layers").BatchNormalization
+    return importlib.import_module("kbn_jax.linen").BatchNormalization
   raise AttributeError(f"module 'kbn_jax' has no attribute {name!r}")
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from kbn_jax import _suspicious
-from kbn_jax.layers import BatchNormalization
+from kbn_jax.linen import BatchNormalization
 
 _NAMES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
 

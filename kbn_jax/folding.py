@@ -38,8 +38,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kbn_jax import _validation, functional
-from kbn_jax.layers import BatchNormalization
+from kbn_jax import _moments
+from kbn_jax._config import canonicalize_axis
+from kbn_jax.linen import BatchNormalization
 
 
 def inference_affine(
@@ -69,7 +70,7 @@ def inference_affine(
   variance = _required(stats, "moving_variance", "batch_stats")
   gamma = _required(params, "gamma", "params") if layer.scale else None
   beta = _required(params, "beta", "params") if layer.center else None
-  dtype = functional.reduction_dtype(jnp.asarray(mean).dtype)
+  dtype = _moments.reduction_dtype(jnp.asarray(mean).dtype)
   mean, variance = jnp.asarray(mean, dtype), jnp.asarray(variance, dtype)
   if mean.ndim != 1 or variance.shape != mean.shape:
     raise ValueError(
@@ -77,7 +78,7 @@ def inference_affine(
       f"received shapes {mean.shape} and {variance.shape}. Pass the variables of one layer "
       "(e.g. {'params': params['bn0'], 'batch_stats': batch_stats['bn0']})."
     )
-  # The same arithmetic as `functional.normalize` in inference: rsqrt(v + eps) * gamma.
+  # The same arithmetic as `kbn_jax.functional.normalize` in inference: rsqrt(v + eps) * gamma.
   scale = jax.lax.rsqrt(variance + jnp.asarray(layer.epsilon, dtype))
   for name, value in (("gamma", gamma), ("beta", beta)):
     if value is not None and jnp.shape(value) != mean.shape:
@@ -124,8 +125,8 @@ def fold_into_kernel(
         "into the layer right before it, with channels last."
       )
   bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
-  dtype = functional.promote_dtypes(kernel.dtype, bias_dtype, jnp.asarray(scale).dtype)
-  dtype = functional.reduction_dtype(dtype)
+  dtype = _moments.promote_dtypes(kernel.dtype, bias_dtype, jnp.asarray(scale).dtype)
+  dtype = _moments.reduction_dtype(dtype)
   scale = jnp.asarray(scale).astype(dtype)
   shift = jnp.asarray(shift).astype(dtype)
   bias = jnp.zeros((features,), dtype) if bias is None else jnp.asarray(bias).astype(dtype)
@@ -173,7 +174,7 @@ def _check_layer(layer: Any) -> None:
       f"and scale); received {type(layer).__name__}. Pass the layer instance, e.g. "
       "kbn_jax.BatchNormalization(epsilon=1e-3)."
     )
-  axis = _validation.canonicalize_axis(layer.axis)
+  axis = canonicalize_axis(layer.axis)
   if not isinstance(axis, int) and len(axis) != 1:
     raise ValueError(
       f"`axis`={layer.axis!r} normalizes several axes; folding into a kernel needs a single "

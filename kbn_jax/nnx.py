@@ -34,14 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kbn_jax import _batch_norm, _validation
+from kbn_jax import _keras_config, _layer, _variables
 from kbn_jax._config import FIELD_NAMES, BatchNormConfig
 
-NNX = _batch_norm.Api(
+NNX = _layer.Hints(
   training_hint=(
-    "use `model.train()` / `model.eval()` (or `nnx.view`) instead, or mark it static "
-    "(`nnx.jit(..., static_argnames=('training',))`, or `static_argnums` for a positional "
-    "argument)"
+    "use `model.train()` / `model.eval()` (or `nnx.view`) instead, or mark the argument that "
+    "carries it static (`nnx.jit(..., static_argnames=...)` or `static_argnums`)"
   ),
   missing_hint="the NNX module creates them; do not delete its attributes.",
   feature_hint=(
@@ -88,21 +87,21 @@ class BatchNormalization(nnx.Module):
         f"num_features, use_running_average, rngs and the Keras arguments {list(FIELD_NAMES)}."
       )
     config = BatchNormConfig(**kwargs)
-    _validation.check_optional_bool("use_running_average", use_running_average)
-    shape = _feature_shape(num_features, config)
+    _layer.check_optional_bool("use_running_average", use_running_average)
+    shape = _variables.checked_num_features(num_features, config)
     self.config = config
     self.num_features = shape
     self.use_running_average = use_running_average
-    input_shape = _proxy_input_shape(config, shape)
-    for name in _batch_norm.param_names(config):
-      key = rngs.params() if _batch_norm.initializer_needs_key(config, name) else None
-      setattr(self, name, nnx.Param(_batch_norm.initial_value(config, name, key, input_shape)))
-    for name in _batch_norm.stat_names(config):
-      needs_key = name != "num_batches_tracked" and _batch_norm.initializer_needs_key(config, name)
+    input_shape = _variables.proxy_input_shape(config, shape)
+    for name in _variables.param_names(config):
+      key = rngs.params() if _variables.initializer_needs_key(config, name) else None
+      setattr(self, name, nnx.Param(_variables.initial_value(config, name, key, input_shape)))
+    for name in _variables.stat_names(config):
+      needs_key = name != "num_batches_tracked" and _variables.initializer_needs_key(config, name)
       key = rngs.params() if needs_key else None
-      value = _batch_norm.initial_value(config, name, key, input_shape)
+      value = _variables.initial_value(config, name, key, input_shape)
       setattr(self, name, nnx.BatchStat(value))
-    self.adjustment_rngs = rngs if _batch_norm.adjustment_takes_key(config) else None
+    self.adjustment_rngs = rngs if _variables.adjustment_takes_key(config) else None
 
   @classmethod
   def from_keras_config(
@@ -113,12 +112,10 @@ class BatchNormalization(nnx.Module):
     rngs: nnx.Rngs,
     **kwargs: Any,
   ) -> BatchNormalization:
-    """Builds the layer from a Keras ``get_config()`` dict; keyword arguments go to
+    """Builds the layer from a Keras ``get_config()`` dict; keyword arguments as for
     `kbn_jax.keras_compat.from_keras_config` (e.g. ``semantics="keras_v2"``)."""
-    from kbn_jax import keras_compat  # noqa: PLC0415
-
-    linen = keras_compat.from_keras_config(config, **kwargs)
-    return cls.from_linen(linen, num_features=num_features, rngs=rngs)
+    kwargs = _keras_config.config_kwargs(config, fields=FIELD_NAMES, **kwargs)
+    return cls(num_features, rngs=rngs, **kwargs)
 
   @classmethod
   def from_linen(
@@ -162,37 +159,33 @@ class BatchNormalization(nnx.Module):
       use_running_average: True for inference, False for training; None leaves it.
     """
     if use_running_average is not None:
-      _validation.check_optional_bool("use_running_average", use_running_average)
+      _layer.check_optional_bool("use_running_average", use_running_average)
       self.use_running_average = use_running_average
 
   def load_variables(self, variables: Mapping[str, Mapping[str, Any]]) -> None:
     """Sets the parameters and statistics from linen-style ``{"params", "batch_stats"}``."""
     for collection, names in (
-      ("params", _batch_norm.param_names(self.config)),
-      ("batch_stats", _batch_norm.stat_names(self.config)),
+      ("params", _variables.param_names(self.config)),
+      ("batch_stats", _variables.stat_names(self.config)),
     ):
       values = variables.get(collection, {})
       for name in names:
         if name not in values:
           raise ValueError(f"`variables['{collection}']` lacks `{name}`, which this layer has.")
         expected = () if name == "num_batches_tracked" else self.num_features
-        _validation.check_feature_shape(name, jnp.shape(values[name]), expected)
+        _layer.check_feature_shape(name, jnp.shape(values[name]), expected, NNX.feature_hint)
         current = getattr(self, name)
         current.set_value(jnp.asarray(values[name], current.get_value().dtype))
 
   def linen_variables(self) -> dict[str, dict[str, jax.Array]]:
     """The linen-style ``{"params": ..., "batch_stats": ...}`` of this layer."""
-    params = {
-      name: getattr(self, name).get_value() for name in _batch_norm.param_names(self.config)
-    }
-    stats = {name: getattr(self, name).get_value() for name in _batch_norm.stat_names(self.config)}
+    params = {name: getattr(self, name).get_value() for name in _variables.param_names(self.config)}
+    stats = {name: getattr(self, name).get_value() for name in _variables.stat_names(self.config)}
     return {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}
 
   def to_keras_config(self) -> dict[str, Any]:
     """A config dict that ``tf_keras``'s V1 ``BatchNormalization.from_config`` accepts."""
-    from kbn_jax import keras_compat  # noqa: PLC0415
-
-    return keras_compat.to_keras_config(self)
+    return _keras_config.to_keras(self.config)
 
   def __call__(
     self,
@@ -218,23 +211,23 @@ class BatchNormalization(nnx.Module):
     config = self.config
     if training is None:
       training = not self.use_running_average
-    training = _validation.check_training(training, NNX.training_hint)
+    training = _layer.check_training(training, NNX)
     adjustment_key = None
     if training and self.adjustment_rngs is not None:
       adjustment_key = self.adjustment_rngs.adjustment()
-    names = _batch_norm.stat_names(config)
-    y, new_stats = _batch_norm.batch_normalization(
+    names = _variables.stat_names(config)
+    y, new_stats = _layer.run(
       x,
-      {name: getattr(self, name).get_value() for name in _batch_norm.param_names(config)},
+      {name: getattr(self, name).get_value() for name in _variables.param_names(config)},
       {name: getattr(self, name).get_value() for name in names},
       config,
       training=training,
       mask=mask,
       renorm_clipping=renorm_clipping,
       adjustment_key=adjustment_key,
-      api=NNX,
+      hints=NNX,
     )
-    if _batch_norm.updates_statistics(config, training):
+    if _layer.updates_statistics(config, training):
       for name in names:
         getattr(self, name).set_value(new_stats[name])
     return y
@@ -246,32 +239,3 @@ def _config_property(name: str) -> property:
 
 for _name in FIELD_NAMES:  # read-only views of the configuration, as on the linen Module
   setattr(BatchNormalization, _name, _config_property(_name))
-
-
-def _feature_shape(num_features: Any, config: BatchNormConfig) -> tuple[int, ...]:
-  axes = config.axis if isinstance(config.axis, tuple) else (config.axis,)
-  sizes = num_features if isinstance(num_features, (tuple, list)) else (num_features,)
-  if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
-    raise TypeError(
-      f"`num_features`={num_features!r} must be a non-negative int, or a tuple of ints (one "
-      "per feature axis)."
-    )
-  if len(sizes) != len(axes):
-    raise ValueError(
-      f"`num_features`={num_features!r} gives {len(sizes)} size(s) but `axis`={config.axis!r} "
-      f"has {len(axes)} axis/axes; pass one size per feature axis, in increasing axis order."
-    )
-  return tuple(sizes)
-
-
-def _proxy_input_shape(config: BatchNormConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The smallest input shape with the feature sizes on the feature axes (batch on axis 0)."""
-  axes = config.axis if isinstance(config.axis, tuple) else (config.axis,)
-  rank = max(2, *(a + 1 if a >= 0 else 1 - a for a in axes))
-  while len({a % rank for a in axes}) < len(axes):  # e.g. axis=(1, -1) needs rank 3
-    rank += 1
-  resolved = sorted(a % rank for a in axes)
-  proxy = [1] * rank
-  for axis, size in zip(resolved, shape, strict=True):
-    proxy[axis] = size
-  return tuple(proxy)

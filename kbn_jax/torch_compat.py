@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kbn_jax import _grafting, _suspicious
-from kbn_jax.layers import BatchNormalization
+from kbn_jax.linen import BatchNormalization
 
 _PARAMS = {"weight": "gamma", "bias": "beta"}
 _BUFFERS = {"running_mean": "moving_mean", "running_var": "moving_variance"}

@@ -53,8 +53,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kbn_jax import _keras_identifiers, constraints, keras_compat, regularizers
-from kbn_jax.layers import BatchNormalization
+from kbn_jax import _keras_identifiers, _keras_weights, _variables, constraints
+from kbn_jax import nnx as kbn_nnx
+from kbn_jax.linen import BatchNormalization
 
 _AFFINE = ("gamma", "beta")
 
@@ -78,7 +79,7 @@ class BatchNormSite:
   @property
   def keras_shape(self) -> tuple[int, ...]:
     """Keras's shape of gamma/beta (constraints and regularizers act on this shape)."""
-    return keras_compat.keras_param_shape(self.module, self.input_shape)
+    return _variables.keras_param_shape(self.module.config, self.input_shape)
 
 
 def find_batch_norms(
@@ -139,12 +140,10 @@ def find_batch_norms(
 
 def _nnx_sites(model: nnx.Module) -> tuple[BatchNormSite, ...]:
   """The `kbn_jax.nnx.BatchNormalization` layers of an NNX model, by graph path."""
-  from kbn_jax import nnx as kbn_nnx  # noqa: PLC0415 (kbn_jax.nnx is loaded on demand)
-
   sites = []
   for path, node in nnx.iter_graph(model):
     if isinstance(node, kbn_nnx.BatchNormalization):
-      shape = kbn_nnx._proxy_input_shape(node.config, node.num_features)
+      shape = _variables.proxy_input_shape(node.config, node.num_features)
       sites.append(BatchNormSite(tuple(str(p) for p in path), node, shape))
   return tuple(sites)
 
@@ -177,7 +176,7 @@ def _layer_params(params: Any, site: BatchNormSite) -> Mapping[str, Any]:
 
 
 def _check_shape(site: BatchNormSite, name: str, value: Any) -> None:
-  expected = keras_compat._layout(site.module, site.input_shape).feature_shape
+  expected = _keras_weights.layout(site.module.config, site.input_shape).feature_shape
   if tuple(np.shape(value)) != expected:
     raise ValueError(
       f"`{'/'.join(site.path + (name,))}` has shape {tuple(np.shape(value))}, expected "
@@ -226,13 +225,11 @@ def regularization_penalty(params: Any, sites: Sequence[BatchNormSite]) -> jax.A
   for site in sites:
     layer = _layer_params(params, site)
     for name in _AFFINE:
-      argument = f"{name}_regularizer"
-      penalty = regularizers.get(getattr(site.module, argument), argument=argument)
-      if penalty is None or name not in layer:
-        continue
-      _check_shape(site, name, layer[name])
-      value = penalty(jnp.reshape(layer[name], site.keras_shape))
-      total = total + jnp.asarray(value).astype(jnp.float32)
+      if name in layer:
+        _check_shape(site, name, layer[name])
+    penalties = _variables.regularization_penalties(site.module.config, layer, site.input_shape)
+    for value in penalties.values():
+      total = total + value
   return total
 
 

@@ -89,7 +89,7 @@ CONSTRUCTION_ERRORS = [
     "clipping_not_dict",
     {"renorm": True, "renorm_clipping": [("rmax", 3.0)]},
     TypeError,
-    r"`renorm_clipping` must be a dict",
+    r"`renorm_clipping`=.* must be a dict",
   ),
   (
     "clipping_value_str",
@@ -318,7 +318,7 @@ TRACE_ERRORS = [
       _init(BN(), (4, 3)), _ones(4, 3), True
     ),
     TypeError,
-    r"`training`=.*Tracer.* must be a Python bool.*static_argnames=\('training',\)",
+    r"`training`=.*Tracer.* must be a Python bool.*mark the argument that carries it static",
   ),
   (
     "training_str",

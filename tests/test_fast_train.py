@@ -1,4 +1,4 @@
-"""The closed-form training kernel (`kbn_jax._fast_train`), issue 5.
+"""The closed-form training kernels (`kbn_jax._moments`, `kbn_jax._normalize`).
 
 Forward values against a float64 NumPy reference and against `functional`; gradients against
 autodiff of the `functional` formula and `jax.test_util.check_grads` (first and second order,
@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
-from kbn_jax import _fast_train, functional
+from kbn_jax import _moments, _normalize, functional
 
 EPS = 1e-3
 
@@ -53,9 +53,10 @@ def _reference64(x, scale, shift, axes):
 
 
 def _functional(x, scale, shift, axes, fused):
-  """The reference formula the kernel must match: functional.moments + normalize."""
-  xc = x.astype(functional.reduction_dtype(x.dtype))
-  mean, variance = functional.moments(xc, axes, keepdims=True)
+  """The reference formula the kernel must match: two-pass moments (autodiff) + normalize."""
+  xc = x.astype(_moments.reduction_dtype(x.dtype))
+  mean = jnp.mean(xc, axes, keepdims=True)
+  variance = jnp.mean(jnp.square(xc - mean), axes, keepdims=True)
   y = functional.normalize(
     xc, mean, variance, scale=scale, offset=shift, epsilon=EPS, subtract_mean_first=fused
   )
@@ -75,10 +76,10 @@ def _batch_norm_train(
   axis_index_groups=None,
 ):
   """The layer's composition: fast moments, then the fast normalization; ``(y, mean, var)``."""
-  mean, variance = _fast_train.batch_moments(
-    x, reduction_axes, axis_name=axis_name, axis_index_groups=axis_index_groups
+  mean, variance = functional.moments(
+    x, reduction_axes, axis_name=axis_name, axis_index_groups=axis_index_groups, keepdims=True
   )
-  y = _fast_train.normalize_batch(
+  y = _normalize.closed_form_normalize(
     x,
     mean,
     variance,
@@ -253,9 +254,9 @@ def test_training_step_saves_only_the_input_and_per_channel_vectors(rng, shape, 
   def step(x, scale, shift):
     # What the layer does: moments, a renorm-style correction under stop_gradient folded into
     # scale and offset, then the normalization.
-    mean, variance = _fast_train.batch_moments(x, axes)
+    mean, variance = functional.moments(x, axes, keepdims=True)
     r = jax.lax.stop_gradient(jnp.sqrt(variance + EPS))
-    return _fast_train.normalize_batch(
+    return _normalize.closed_form_normalize(
       x, mean, variance, scale * r, shift + r, reduction_axes=axes, epsilon=EPS
     )
 
@@ -281,8 +282,8 @@ def test_rejects_per_element_scale_and_bad_axes(rng):
     _batch_norm_train(x, reduction_axes=(2,), epsilon=EPS)
   with pytest.raises(ValueError, match=r"repeats an axis"):
     _batch_norm_train(x, reduction_axes=(0, -2), epsilon=EPS)
-  assert _fast_train.is_per_channel(jnp.ones(3), (0,), 2)
-  assert not _fast_train.is_per_channel(jnp.ones((4, 3)), (0,), 2)
+  assert _normalize.is_per_channel(jnp.ones(3), (0,), 2)
+  assert not _normalize.is_per_channel(jnp.ones((4, 3)), (0,), 2)
 
 
 @pytest.mark.parametrize("groups", [None, [[0, 1], [2, 3]]])

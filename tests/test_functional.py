@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from kbn_jax import _math
+from kbn_jax import _moments, _moving_averages, _normalize
 from kbn_jax import functional as F
 
 TRANSFORMS = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
@@ -64,9 +64,9 @@ def test_fully_masked_moments_are_zero_not_nan():
 def test_partial_moments_merge_equals_whole(rng):
   """Chan's merge of per-part (count, mean, M2) equals the moments of the concatenation."""
   parts = [rng.normal(loc=1e3, size=(n, 3)).astype(np.float32) for n in (2, 5, 1)]
-  partials = [F.partial_moments(p, (0,)) for p in parts]
+  partials = [_moments.partial_moments(p, (0,)) for p in parts]
   counts, means, m2s = (jnp.stack([p[i] for p in partials]) for i in range(3))
-  total, mean, m2 = _math._merge(counts, means, m2s, axis=0)
+  total, mean, m2 = _moments._merge(counts, means, m2s, axis=0)
   whole = np.concatenate(parts).astype(np.float64)
   np.testing.assert_allclose(total.ravel(), [8, 8, 8])
   np.testing.assert_allclose(mean.ravel(), whole.mean(0), rtol=1e-6)
@@ -116,8 +116,8 @@ def test_update_moving_average_is_keras_assign_sub():
 
 
 def test_bessel_correction():
-  np.testing.assert_allclose(F.bessel_correction(jnp.float32(1.0), 4), 4 / 3)
-  assert F.bessel_correction(jnp.float32(0.0), 1) == 0.0  # n = 1: max(n - 1, 1)
+  np.testing.assert_allclose(_moving_averages.bessel_correction(jnp.float32(1.0), 4), 4 / 3)
+  assert _moving_averages.bessel_correction(jnp.float32(0.0), 1) == 0.0  # n = 1: max(n - 1, 1)
 
 
 @TRANSFORMS
@@ -160,7 +160,7 @@ def test_renorm_normalization_gradient():
 
   def renorm_bn(x, scale, r, d):
     mean, variance = F.moments(x, (0,), keepdims=True)
-    scale, offset = F.compose_affine(r, d, scale, None)
+    scale, offset = _normalize.compose_affine(r, d, scale, None)
     return F.normalize(x, mean, variance, scale=scale, offset=offset, epsilon=1e-3)
 
   scale = jnp.ones((1, 2))
@@ -177,9 +177,11 @@ def test_renorm_normalization_gradient():
 
 
 def test_compose_affine():
-  s, o = F.compose_affine(jnp.float32(2.0), jnp.float32(1.0), jnp.float32(3.0), jnp.float32(0.5))
+  s, o = _normalize.compose_affine(
+    jnp.float32(2.0), jnp.float32(1.0), jnp.float32(3.0), jnp.float32(0.5)
+  )
   assert (float(s), float(o)) == (6.0, 3.5)  # first (2x + 1), then (3y + 0.5)
-  assert F.compose_affine(None, None, None, None) == (None, None)
+  assert _normalize.compose_affine(None, None, None, None) == (None, None)
 
 
 def test_ghost_batches_are_strided():
@@ -191,6 +193,6 @@ def test_ghost_batches_are_strided():
 
 
 def test_reduction_dtype():
-  assert F.reduction_dtype(jnp.bfloat16) == jnp.float32
-  assert F.reduction_dtype(jnp.float16) == jnp.float32
-  assert F.reduction_dtype(jnp.int32) == jnp.float32
+  assert _moments.reduction_dtype(jnp.bfloat16) == jnp.float32
+  assert _moments.reduction_dtype(jnp.float16) == jnp.float32
+  assert _moments.reduction_dtype(jnp.int32) == jnp.float32

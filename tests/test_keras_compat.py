@@ -18,7 +18,8 @@ import pytest
 from flax.core import FrozenDict
 
 import kbn_jax
-from kbn_jax import _validation, keras_compat, training
+from kbn_jax import _keras_config, _variables, keras_compat, training
+from kbn_jax._config import canonicalize_axis
 from tests import keras_models
 
 # These fixtures were written by Keras's V1 class, which V1 reading is right for; a frozen V1
@@ -73,8 +74,8 @@ def _tolerance(dtype):
 
 def _summary(module, rank):
   """The Keras-visible configuration of `module`, with `axis` resolved for inputs of `rank`."""
-  fields = {f: getattr(module, f) for f in keras_compat._LAYER_ARGS if f not in ("axis", "fused")}
-  axes = _validation.normalize_axes(_validation.canonicalize_axis(module.axis), rank)
+  fields = {f: getattr(module, f) for f in _keras_config._LAYER_ARGS if f not in ("axis", "fused")}
+  axes = _variables.normalize_axes(canonicalize_axis(module.axis), rank)
   return fields, tuple(sorted(axes)), module.fused in (None, True), jnp.dtype(module.param_dtype)
 
 

@@ -48,18 +48,22 @@ def build(meta, arrays):
   if semantics == "torch":
     state = {key[3:]: value for key, value in arrays.items() if key.startswith("w0_")}
     # affine=False without running statistics has an empty state dict, which from_state_dict
-    # refuses (its message says to build the layer directly); build it through a weight instead.
-    state = state or {"weight": np.ones(meta["num_features"])}
+    # refuses (its message says to build the layer directly); build it through an affine pair.
+    channels = meta["num_features"]
+    state = state or {"weight": np.ones(channels), "bias": np.zeros(channels)}
     layer, variables = torch_compat.from_state_dict(
       state, momentum=meta["momentum"], eps=meta["eps"]
     )
     if not meta["affine"] and not meta["track_running_stats"]:
-      layer = layer.clone(scale=False)
+      layer = layer.clone(scale=False, center=False)
       variables = {"batch_stats": variables["batch_stats"]}
     return layer, variables
   config = meta["keras_config"]
-  # V2's get_config() never writes `fused`: a layer built with fused=False needs it restated.
-  overrides = {"fused": False} if meta["case"]["config"].get("fused") is False else {}
+  # V2's get_config() writes neither `fused` nor `synchronized`: a layer built with fused=False
+  # or synchronized=True (which never fuses) needs fused=False restated, as docs/keras.md says.
+  case_config = meta["case"]["config"]
+  never_fused = case_config.get("fused") is False or case_config.get("synchronized") is True
+  overrides = {"fused": False} if never_fused else {}
   layer = kbn_jax.BatchNormalization.from_keras_config(config, semantics=semantics, **overrides)
   weights = [arrays[f"w0_{name}"] for name in meta["weight_names"]]
   shape = tuple(meta["case"]["input_shape"])

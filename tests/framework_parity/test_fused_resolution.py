@@ -13,7 +13,7 @@ import pathlib
 import jax.numpy as jnp
 import pytest
 
-from kbn_jax import _batch_norm, functional
+from kbn_jax import _layer, _variables, functional
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "keras_v2_fused_errors.json"
 COMBOS = json.loads(FIXTURE.read_text())["combos"]
@@ -35,9 +35,9 @@ def _resolve(combo, semantics):
     semantics=semantics,
   )
   rank = combo["rank"]
-  axes = _batch_norm.feature_axes(config, rank)
+  axes = _variables.feature_axes(config, rank)
   compute = jnp.dtype(config.dtype or jnp.float32)
-  return _batch_norm.resolve_fused(config, axes, rank, compute)
+  return _layer.resolve_fused(config, axes, rank, compute)
 
 
 def _label(combo):
@@ -60,4 +60,4 @@ def test_fused_resolution_matches_keras(combo, semantics):
 def test_every_semantics_without_a_fused_kernel_never_fuses():
   for semantics in ("keras3", "torch"):
     config = functional.BatchNormConfig(semantics=semantics)
-    assert not _batch_norm.resolve_fused(config, (3,), 4, jnp.dtype(jnp.float32))
+    assert not _layer.resolve_fused(config, (3,), 4, jnp.dtype(jnp.float32))
