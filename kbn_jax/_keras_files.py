@@ -139,7 +139,7 @@ class Limits:
   max_names: int = 1_000_000
   max_hdf5_visits: int = 2_000_000
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -426,7 +426,7 @@ class _Model:
       )
 
 
-def _h5py():
+def _h5py() -> Any:
   try:
     import h5py  # noqa: PLC0415 (optional dependency)
   except ImportError as error:
@@ -458,14 +458,16 @@ _READ_ERRORS = (
 
 
 @contextmanager
-def _open_model(path, config_path, model_config, limits, need_weights=True) -> Iterator[_Model]:
+def _open_model(
+  path: Any, config_path: Any, model_config: Any, limits: Limits, need_weights: bool = True
+) -> Iterator[_Model]:
   if not isinstance(limits, Limits):
     raise TypeError(f"limits must be a kbn_jax._keras_files.Limits, got {limits!r}.")
   try:
     name = os.fspath(path)
   except TypeError:
     raise TypeError(f"path must be a str or os.PathLike, got {path!r}.") from None
-  stack: list = []
+  stack: list[Any] = []
   model = None
   try:
     try:
@@ -512,7 +514,7 @@ _SAVED_MODEL = (
 )
 
 
-def _open_regular(name: str):
+def _open_regular(name: str) -> Any:
   """Opens `name` for reading only if it is a regular file (never blocks on a FIFO)."""
   info = os.stat(name)
   if stat.S_ISDIR(info.st_mode):
@@ -533,7 +535,7 @@ def _open_regular(name: str):
   return os.fdopen(fd, "rb")
 
 
-def _open_file(name: str, stack: list, need_weights: bool, limits: Limits) -> _Model:
+def _open_file(name: str, stack: list[Any], need_weights: bool, limits: Limits) -> _Model:
   file = _open_regular(name)
   stack.append(file.close)
   size = os.fstat(file.fileno()).st_size
@@ -560,7 +562,7 @@ def _open_file(name: str, stack: list, need_weights: bool, limits: Limits) -> _M
   )
 
 
-def _from_h5(name: str, file, limits: Limits, budget: _Budget) -> _Model:
+def _from_h5(name: str, file: Any, limits: Limits, budget: _Budget) -> _Model:
   model = _Model(path=name, format="", limits=limits, budget=budget, h5=file)
   _check_object(model, file, "/")
   attrs = file.attrs
@@ -595,7 +597,7 @@ def _from_h5(name: str, file, limits: Limits, budget: _Budget) -> _Model:
   return model
 
 
-def _zip_entry_count(file, size: int) -> int | None:
+def _zip_entry_count(file: Any, size: int) -> int | None:
   """The entry count of a zip's end record (None for zip64 or when not found), read first."""
   tail = min(size, 22 + 65535)
   file.seek(size - tail)
@@ -608,7 +610,9 @@ def _zip_entry_count(file, size: int) -> int | None:
   return None if count == 0xFFFF else count
 
 
-def _from_zip(name: str, file, stack: list, need_weights: bool, limits, budget) -> _Model:
+def _from_zip(
+  name: str, file: Any, stack: list[Any], need_weights: bool, limits: Limits, budget: _Budget
+) -> _Model:
   count = _zip_entry_count(file, budget.file_size)
   if count is not None and count > limits.max_names:
     raise ValueError(
@@ -742,7 +746,7 @@ def _set_config(model: _Model, config: Any, name: str) -> None:
       model.backend = backend[:64]
 
 
-def _attach_config(model: _Model, config_path, model_config, limits: Limits) -> None:
+def _attach_config(model: _Model, config_path: Any, model_config: Any, limits: Limits) -> None:
   if config_path is not None and model_config is not None:
     raise ValueError("Pass config_path or model_config, not both.")
   if model_config is not None:
@@ -810,7 +814,16 @@ def _describe_parts(parts: tuple[str, ...]) -> str:
   return f"{parts[-1]!r} inside the nested model {'/'.join(parts[:-1])!r}"
 
 
-def _walk(model_cfg, prefix, group_prefix, out, name, tf_keras_naming, depth, limits) -> None:
+def _walk(
+  model_cfg: Mapping[str, Any],
+  prefix: tuple[str, ...],
+  group_prefix: str,
+  out: list[_Layer],
+  name: str,
+  tf_keras_naming: bool,
+  depth: int,
+  limits: Limits,
+) -> None:
   if depth > limits.max_model_nesting:
     raise ValueError(f"{name}: models nested deeper than {limits.max_model_nesting} levels.")
   entries = model_cfg["layers"]
@@ -883,7 +896,13 @@ def _shape(value: Any) -> tuple[int | None, ...] | None:
   return None
 
 
-def _input_shape(entry, config, previous, by_name, model_cfg) -> tuple[int | None, ...] | None:
+def _input_shape(
+  entry: Mapping[str, Any],
+  config: Mapping[str, Any],
+  previous: Any,
+  by_name: Mapping[str, Any],
+  model_cfg: Mapping[str, Any],
+) -> tuple[int | None, ...] | None:
   build = entry.get("build_config")
   if isinstance(build, Mapping) and _shape(build.get("input_shape")):
     return _shape(build.get("input_shape"))
@@ -913,7 +932,7 @@ def _input_shape(entry, config, previous, by_name, model_cfg) -> tuple[int | Non
   return None
 
 
-def _input_layer_shape(entry) -> tuple[int | None, ...] | None:
+def _input_layer_shape(entry: Mapping[str, Any]) -> tuple[int | None, ...] | None:
   config = entry.get("config")
   if isinstance(config, Mapping):
     for key in ("batch_input_shape", "batch_shape"):
@@ -955,7 +974,7 @@ def _some(names: list[str], n: int = 50) -> str:
 # ---------------------------------------------------------------------------------------------
 # HDF5 access: hard links only, each object once, everything checked before data is read
 # ---------------------------------------------------------------------------------------------
-def _check_object(model: _Model, obj, where: str) -> None:
+def _check_object(model: _Model, obj: Any, where: str) -> None:
   """Refuses an object reachable by more than one path (hard-link cycles and diamonds)."""
   h5py = _h5py()
   if h5py.h5o.get_info(obj.id).rc != 1:
@@ -965,7 +984,7 @@ def _check_object(model: _Model, obj, where: str) -> None:
     )
 
 
-def _child(model: _Model, group, key: str, where: str = ""):
+def _child(model: _Model, group: Any, key: str, where: str = "") -> Any:
   """The object a group links to under one name, through a hard link only; None if absent."""
   h5py = _h5py()
   model.visit()
@@ -987,7 +1006,7 @@ def _child(model: _Model, group, key: str, where: str = ""):
   return obj
 
 
-def _get(model: _Model, parent, path: str, want: str):
+def _get(model: _Model, parent: Any, path: str, want: str) -> Any:
   """A group or dataset below `parent` by a relative path, through hard links only."""
   h5py = _h5py()
   parts = path.split("/")
@@ -1004,7 +1023,7 @@ def _get(model: _Model, parent, path: str, want: str):
   return node
 
 
-def _read_attr(model: _Model, obj, key: str, what: str, max_bytes: int) -> Any:
+def _read_attr(model: _Model, obj: Any, key: str, what: str, max_bytes: int) -> Any:
   """An attribute's value, its size checked before it is read."""
   attr = obj.attrs.get_id(key)
   stored = attr.get_storage_size()
@@ -1014,11 +1033,11 @@ def _read_attr(model: _Model, obj, key: str, what: str, max_bytes: int) -> Any:
   return obj.attrs[key]
 
 
-def _has_names(attrs, key: str) -> bool:
+def _has_names(attrs: Any, key: str) -> bool:
   return key in attrs or f"{key}0" in attrs
 
 
-def _names_attr(model: _Model, obj, key: str, where: str) -> list[str]:
+def _names_attr(model: _Model, obj: Any, key: str, where: str) -> list[str]:
   """A list-of-names attribute (``layer_names``, ``weight_names``), its count checked first.
 
   Keras splits a list over 64 KB into ``layer_names0``, ``layer_names1``, ...: read in order.
@@ -1034,7 +1053,7 @@ def _names_attr(model: _Model, obj, key: str, where: str) -> list[str]:
   return names
 
 
-def _names_chunk(model: _Model, obj, key: str, where: str, before: int) -> list[str]:
+def _names_chunk(model: _Model, obj: Any, key: str, where: str, before: int) -> list[str]:
   attr = obj.attrs.get_id(key)
   count = math.prod(attr.shape) if attr.shape is not None else 0
   if before + count > model.limits.max_names:
@@ -1066,7 +1085,9 @@ class _Planned:
   bfloat16: bool
 
 
-def _plan(model: _Model, dataset, what: str, kinds: str, max_elements=None) -> _Planned:
+def _plan(
+  model: _Model, dataset: Any, what: str, kinds: str, max_elements: int | None = None
+) -> _Planned:
   """Checks a dataset's storage, dtype and shape and charges its cost, before any data is read."""
   h5py, limits, label = _h5py(), model.limits, f"{model.label()}: {what}"
   layout = dataset.id.get_create_plist().get_layout()
@@ -1131,7 +1152,7 @@ def _read(model: _Model, planned: _Planned) -> np.ndarray:
   return array
 
 
-def _legacy_root(model: _Model):
+def _legacy_root(model: _Model) -> Any:
   if model.legacy_root is not None:
     return model.legacy_root
   weights_group = _child(model, model.h5, "model_weights")
@@ -1145,7 +1166,7 @@ def _legacy_root(model: _Model):
   return root
 
 
-def _legacy_layer_names(model: _Model, root) -> dict[str, int]:
+def _legacy_layer_names(model: _Model, root: Any) -> dict[str, int]:
   """`layer_names`, decoded once per file: {name: position}."""
   if model.legacy_names is None:
     names = _names_attr(model, root, "layer_names", "the weights root")
@@ -1155,7 +1176,7 @@ def _legacy_layer_names(model: _Model, root) -> dict[str, int]:
   return model.legacy_names
 
 
-def _weight_names(model: _Model, group, where: str) -> list[str]:
+def _weight_names(model: _Model, group: Any, where: str) -> list[str]:
   if not _has_names(group.attrs, "weight_names"):
     raise ValueError(f"{model.path}: the group {where!r} has no `weight_names` attribute.")
   names = _names_attr(model, group, "weight_names", where)
@@ -1182,7 +1203,9 @@ def _owned_by(weight_name: str, layer: str) -> bool:
   return owner == layer or owner.endswith("/" + layer)
 
 
-def _legacy_weight_entries(model: _Model, parts: tuple[str, ...]):
+def _legacy_weight_entries(
+  model: _Model, parts: tuple[str, ...]
+) -> tuple[Any, list[str], str] | None:
   """(group, [weight names], top) of a layer in a legacy HDF5 file; None if absent."""
   root = _legacy_root(model)
   top = parts[0]
@@ -1208,7 +1231,9 @@ def _legacy_weight_entries(model: _Model, parts: tuple[str, ...]):
   return group, inner, top
 
 
-def _plan_legacy(model: _Model, group, names: list[str], where: str, kinds: str, cap=None):
+def _plan_legacy(
+  model: _Model, group: Any, names: list[str], where: str, kinds: str, cap: int | None = None
+) -> list[_Planned]:
   plans = []
   for n in names:
     dataset = _get(model, group, n, "dataset")
@@ -1220,7 +1245,7 @@ def _plan_legacy(model: _Model, group, names: list[str], where: str, kinds: str,
   return plans
 
 
-def _new_vars(model: _Model, group_path: str):
+def _new_vars(model: _Model, group_path: str) -> Any:
   """The `vars` group of a layer in the new layout; None when the layer has no group."""
   root = model.h5
   group = _get(model, root, group_path, "group")
@@ -1236,7 +1261,9 @@ def _new_vars(model: _Model, group_path: str):
   return found
 
 
-def _plan_vars(model: _Model, vars_group, where: str, kinds: str, cap=None) -> list[_Planned]:
+def _plan_vars(
+  model: _Model, vars_group: Any, where: str, kinds: str, cap: int | None = None
+) -> list[_Planned]:
   if not vars_group:
     return []
   count = len(vars_group)
@@ -1329,7 +1356,7 @@ def _batch_norm_weights(model: _Model, layer: _Layer) -> tuple[list[np.ndarray],
   return [_read(model, p) for p in plans], where
 
 
-def _check_group_name(model: _Model, vars_group, layer: _Layer) -> None:
+def _check_group_name(model: _Model, vars_group: Any, layer: _Layer) -> None:
   if hasattr(vars_group, "attrs") and "name" in vars_group.attrs:
     recorded = _attr_text(_read_attr(model, vars_group, "name", "", 4096))
     if recorded != layer.parts[-1]:
@@ -1339,7 +1366,9 @@ def _check_group_name(model: _Model, vars_group, layer: _Layer) -> None:
       )
 
 
-def _check_batch_norm_shapes(label: str, layer: _Layer, names, shapes) -> None:
+def _check_batch_norm_shapes(
+  label: str, layer: _Layer, names: list[str], shapes: list[tuple[int, ...]]
+) -> None:
   if len(set(shapes)) != 1:
     raise ValueError(
       f"{label}: its weights have different shapes "
@@ -1430,13 +1459,13 @@ def _weights_without_config(model: _Model, layer_name: str) -> list[np.ndarray]:
   )
 
 
-def _groups_with_vars(model: _Model):
+def _groups_with_vars(model: _Model) -> list[tuple[str, Any]]:
   """(path, vars group) of every group with a `vars` child, in file order, within budgets."""
   out = []
   h5py = _h5py()
   depth_cap = 2 * model.limits.max_model_nesting + 2
 
-  def visit(group, path, depth):
+  def visit(group: Any, path: str, depth: int) -> None:
     if depth > depth_cap:
       raise ValueError(f"{model.path}: groups nested deeper than {depth_cap} levels.")
     for key in group:
@@ -1515,7 +1544,7 @@ def _legacy_weights_by_name(model: _Model, layer_name: str) -> list[np.ndarray]:
   return [_read(model, p) for p in plans]
 
 
-def _legacy_not_found(model: _Model, root, layer_name: str) -> str:
+def _legacy_not_found(model: _Model, root: Any, layer_name: str) -> str:
   with_weights, batch_norms = [], []
   for top in _legacy_layer_names(model, root):
     group = _get(model, root, top, "group")

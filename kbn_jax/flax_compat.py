@@ -124,7 +124,9 @@ def _label(layer: Any) -> str:
   return f"Flax {type(layer).__name__}" + (f" {name!r}" if name else "")
 
 
-def _checked_variables(flax_vars: Mapping[str, Any], layer: Any, label: str) -> dict:
+def _checked_variables(
+  flax_vars: Mapping[str, Any], layer: Any, label: str
+) -> dict[str, np.ndarray]:
   """The layer's variables as NumPy arrays: complete, real floating, one shared feature shape."""
   unknown = sorted(str(k) for k in flax_vars if k not in _NAMES)
   if unknown:

@@ -296,7 +296,7 @@ def _shape_from_weights(module: Any, weights: Sequence[Any]) -> tuple[Any, ...]:
   size = weight_shape[0] if weight_shape else 1
   axis = module.axis if isinstance(module.axis, int) else module.axis[0]
   rank = max(2, axis + 1 if axis >= 0 else -axis + 1)
-  shape = [None] * rank
+  shape: list[int | None] = [None] * rank
   shape[axis] = size
   return tuple(shape)
 
