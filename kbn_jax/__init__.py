@@ -5,10 +5,11 @@ Flax front-ends and helpers load on first use.
 """
 
 import importlib
+from typing import Any
 
 from kbn_jax import functional as functional
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
   "BatchNormalization",
@@ -37,7 +38,7 @@ _LAZY_MODULES = (
 )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
   if name in _LAZY_MODULES:
     return importlib.import_module(f"kbn_jax.{name}")
   if name == "BatchNormalization":
@@ -45,5 +46,5 @@ def __getattr__(name: str):
   raise AttributeError(f"module 'kbn_jax' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
   return sorted(set(globals()) | set(__all__))
