@@ -7,10 +7,9 @@ only NumPy at the top. Inputs are NumPy-seeded, identical for every contender::
   python benchmarks/_process_worker.py kbn_jax nhwc_64x32x32x64=64,32,32,64:-1 ...
 
 Prints ``{"config name": median seconds per training step, ...}``. ``KBN_TUNE_MALLOC=1`` calls
-`kbn_jax.cpu.tune_malloc()` first; ``KBN_BENCH_KERNELS=path/to/_fast_train.py`` runs kbn_jax with
-that file's training kernels instead of the installed ones (A/B tests). The training step is the
-same as `bench_contenders`'s ``train_step``: forward + cotangents of the input, gamma and beta
-for a fixed output cotangent + the moving-statistics update.
+`kbn_jax.cpu.tune_malloc()` first (A/B tests of a code change: `bench_revision.py`). The
+training step is the same as `bench_contenders`'s ``train_step``: forward + cotangents of the
+input, gamma and beta for a fixed output cotangent + the moving-statistics update.
 """
 
 from __future__ import annotations
@@ -52,26 +51,10 @@ def median_seconds(run, block, repeats, target_s, warmup=2):
   return statistics.median(sample(number) for _ in range(repeats))
 
 
-def _swap_kernels(path):
-  """Loads a variant of ``kbn_jax/_fast_train.py`` from `path` into the layer (A/B tests of a
-  kernel change without editing the package; see ``KBN_BENCH_KERNELS`` in `main`)."""
-  import importlib.util  # noqa: PLC0415
-
-  from kbn_jax import _batch_norm  # noqa: PLC0415
-
-  spec = importlib.util.spec_from_file_location("kbn_bench_kernels", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  _batch_norm._fast_train = module
-
-
 def kbn_jax_step(shape, axis):
   import jax  # noqa: PLC0415
 
   import kbn_jax  # noqa: PLC0415
-
-  if os.environ.get("KBN_BENCH_KERNELS"):
-    _swap_kernels(os.environ["KBN_BENCH_KERNELS"])
 
   module = kbn_jax.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
   x, ct = (jax.device_put(a) for a in inputs(shape))

@@ -1,9 +1,8 @@
-"""The layer's training kernels now against those of an earlier commit, in one interleaved run.
+"""The layer now against the layer at an earlier commit, in one interleaved run.
 
-`kbn_jax/_fast_train.py` holds the closed-form training kernels (`batch_moments`,
-`normalize_batch`). This script loads that file from a git revision (by default the newest
-commit whose kernels are a ``jax.custom_vjp``) next to the working tree's, runs the *same*
-`kbn_jax.functional.batch_normalization` with either set swapped in, and reports, per shape:
+The whole `kbn_jax` package of a git revision is loaded next to the working tree's under its
+own name (``kbn_jax_<rev>``), whatever its file layout, and the *same*
+`functional.batch_normalization` training step of each is reported, per shape:
 
 * the training step (forward + input/gamma/beta cotangents + statistics update), timed
   interleaved (medians, ratio current / previous);
@@ -13,7 +12,7 @@ commit whose kernels are a ``jax.custom_vjp``) next to the working tree's, runs 
 
 Usage::
 
-  python benchmarks/bench_revision.py                  # previous = newest custom_vjp commit
+  python benchmarks/bench_revision.py                  # previous = before the layout move
   python benchmarks/bench_revision.py --rev HEAD~1 --shapes nhwc_64x32x32x64
 """
 
@@ -21,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import math
 import re
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -36,10 +37,11 @@ import jax  # noqa: E402
 import jax.ad_checkpoint  # noqa: E402
 from _timing import Contender, format_seconds, time_interleaved  # noqa: E402
 
-from kbn_jax import _batch_norm, _fast_train, functional  # noqa: E402
+from kbn_jax import functional  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = "kbn_jax/_fast_train.py"
+# The last layout before the move to _moments/_normalize: the default comparison.
+PRE_LAYOUT_FILE = "kbn_jax/_fast_train.py"
 DEFAULT_SHAPES = ("nhwc_64x32x32x64", "nhwc_32x56x56x128", "nhwc_8x112x112x64", "dense_4096x512")
 
 
@@ -47,50 +49,40 @@ def _git(*args: str) -> str:
   return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout
 
 
-def newest_vjp_revision(limit: int = 30) -> str:
-  """The newest commit whose training kernels are a `jax.custom_vjp`."""
-  for commit in _git("log", f"-{limit}", "--format=%h", "--", KERNELS).split():
-    if "jax.custom_vjp(" in _git("show", f"{commit}:{KERNELS}"):
-      return commit
-  raise SystemExit(f"no commit among the last {limit} touching {KERNELS} uses jax.custom_vjp")
+def pre_layout_revision() -> str:
+  """The newest commit that still has `PRE_LAYOUT_FILE` (the parent of its removal)."""
+  removal = _git("rev-list", "-1", "HEAD", "--", PRE_LAYOUT_FILE).strip()
+  if not removal:
+    raise SystemExit(f"no commit touches {PRE_LAYOUT_FILE}; pass --rev")
+  if PRE_LAYOUT_FILE in _git("ls-tree", "-r", "--name-only", removal, "kbn_jax"):
+    return _git("rev-parse", "--short", removal).strip()
+  return _git("rev-parse", "--short", f"{removal}~1").strip()
 
 
-def load_kernels(revision: str) -> types.ModuleType:
-  """`kbn_jax/_fast_train.py` at `revision`, importable next to today's.
+def load_revision(revision: str) -> types.ModuleType:
+  """`kbn_jax.functional` of `revision`, imported as ``kbn_jax_<rev>.functional``."""
+  name = f"kbn_jax_{revision.replace('~', '_').replace('^', '_')}"
+  root = Path(tempfile.mkdtemp(prefix="kbn_revision_"))
+  for path in _git("ls-tree", "-r", "--name-only", revision, "kbn_jax").split():
+    if path.endswith(".py"):
+      target = root / name / Path(path).relative_to("kbn_jax")
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source = _git("show", f"{revision}:{path}")
+      target.write_text(re.sub(r"\bkbn_jax\b", name, source))
+  sys.path.insert(0, str(root))
+  return importlib.import_module(f"{name}.functional")
 
-  Before the pure-function refactor its helpers lived in ``kbn_jax.functional``, now in
-  ``kbn_jax._math``; the import is redirected there.
-  """
-  source = _git("show", f"{revision}:{KERNELS}")
-  source = source.replace(
-    "from kbn_jax import functional\n", "from kbn_jax import _math as functional\n"
+
+def train_step(config: bc.Config, functional_module: types.ModuleType):
+  """``(step, forward, args)``: forward + vjp(x, params) + new statistics of one revision."""
+  bn_config = functional_module.BatchNormConfig(
+    axis=config.axis, momentum=bc.MOMENTUM, epsilon=bc.EPSILON
   )
-  module = types.ModuleType(f"kbn_jax_fast_train_{revision}")
-  module.__file__ = f"{revision}:{KERNELS}"
-  exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102
-  return module
-
-
-@contextlib.contextmanager
-def kernels(module: types.ModuleType):
-  """Traces `kbn_jax.functional.batch_normalization` with `module`'s training kernels."""
-  saved = _batch_norm._fast_train
-  _batch_norm._fast_train = module
-  try:
-    yield
-  finally:
-    _batch_norm._fast_train = saved
-
-
-def train_step(config: bc.Config, module: types.ModuleType):
-  """``(jitted step, args)``: forward + vjp(x, params) + new statistics, with `module`'s kernels."""
-  bn_config = functional.BatchNormConfig(axis=config.axis, momentum=bc.MOMENTUM, epsilon=bc.EPSILON)
   x, ct = bc.inputs(config.shape)
-  params, stats = functional.init_variables(bn_config, jax.random.key(0), config.shape)
+  params, stats = functional_module.init_variables(bn_config, jax.random.key(0), config.shape)
 
   def forward(x, params, stats):
-    with kernels(module):
-      return functional.batch_normalization(x, params, stats, bn_config, training=True)
+    return functional_module.batch_normalization(x, params, stats, bn_config, training=True)
 
   def step(params, stats, x, ct):
     y, vjp, new_stats = jax.vjp(lambda x, p: forward(x, p, stats), x, params, has_aux=True)
@@ -115,22 +107,24 @@ def saved_residuals(forward, args, size: int) -> list[str]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rev", help="git revision of the previous kernels (default: newest vjp)")
+  parser.add_argument(
+    "--rev", help="git revision to compare with (default: before the layout move)"
+  )
   parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
   parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--target-s", type=float, default=0.05)
   args = parser.parse_args(argv)
-  revision = args.rev or newest_vjp_revision()
-  previous = load_kernels(revision)
+  revision = args.rev or pre_layout_revision()
+  previous = load_revision(revision)
   names = {c.name: c for c in bc.CONFIGS}
   current_name, previous_name = "current (working tree)", f"previous ({revision})"
-  print(f"kernels: current = working tree, previous = {revision}:{KERNELS}")
+  print(f"layer: current = working tree, previous = kbn_jax at {revision}")
   print(f"jax.devices(): {jax.devices()}")
   for shape_name in args.shapes.split(","):
     config = names[shape_name]
     size = math.prod(config.shape)
     contenders, rows = [], {}
-    for name, module in ((current_name, _fast_train), (previous_name, previous)):
+    for name, module in ((current_name, functional), (previous_name, previous)):
       step, forward, step_args = train_step(config, module)
       compiled = jax.jit(step)
       hlo = jax.jit(step).lower(*step_args).compile().as_text()

@@ -52,14 +52,6 @@ myst_enable_extensions = ["dollarmath"]
 html_theme = "furo"
 html_title = f"kbn_jax {release}"
 
-# `keras_compat` imports the linen class for its annotations only under `TYPE_CHECKING` (the two
-# modules import each other); give autodoc the name, as a type checker sees it, so that the
-# annotation `BatchNormalization` is the linen class and not also `kbn_jax.nnx`'s.
-import kbn_jax.keras_compat  # noqa: E402
-import kbn_jax.layers  # noqa: E402
-
-kbn_jax.keras_compat.BatchNormalization = kbn_jax.layers.BatchNormalization
-
 # Guides link to files of the repository outside docs/ (the README, benchmarks/results.md, ...)
 # with relative links, which GitHub follows. Sphinx builds only docs/: such a link becomes a link
 # to a copy of the file (MyST's `path:` scheme), without its `#anchor`.
