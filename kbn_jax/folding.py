@@ -42,6 +42,8 @@ from kbn_jax import _moments
 from kbn_jax._config import canonicalize_axis
 from kbn_jax.linen import BatchNormalization
 
+__all__ = ["fold_batch_norm", "fold_into_kernel", "inference_affine"]
+
 
 def inference_affine(
   layer: BatchNormalization, variables: Mapping[str, Any]
