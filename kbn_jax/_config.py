@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import jax.numpy as jnp
 
@@ -90,7 +90,7 @@ class BatchNormConfig:
   semantics: str = "keras_v1"
   ghost_batch_scope: str = "device"
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     check_semantics(self.semantics, self.ghost_batch_scope, self.momentum, self.renorm)
     canonicalize_axis(self.axis)
     check_config(
@@ -171,25 +171,25 @@ def check_semantics(semantics: Any, ghost_batch_scope: Any, momentum: Any, renor
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
-class FrozenMapping(Mapping):
+class FrozenMapping(Mapping[str, Any]):
   """An immutable, hashable dict (equal to any mapping with the same items)."""
 
   def __init__(self, items: Mapping[str, Any]):
     self._items = dict(items)
 
-  def __getitem__(self, key):
+  def __getitem__(self, key: str) -> Any:
     return self._items[key]
 
-  def __iter__(self):
+  def __iter__(self) -> Iterator[str]:
     return iter(self._items)
 
-  def __len__(self):
+  def __len__(self) -> int:
     return len(self._items)
 
-  def __hash__(self):
+  def __hash__(self) -> int:
     return hash(tuple(sorted(self._items.items(), key=lambda item: str(item[0]))))
 
-  def __repr__(self):
+  def __repr__(self) -> str:
     return f"FrozenMapping({self._items!r})"
 
 
@@ -343,7 +343,7 @@ def check_config(
     check_renorm_clipping(renorm_clipping, semantics)
   if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
     raise TypeError(f"`epsilon`={epsilon!r} must be a real number such as 1e-3.")
-  if not epsilon >= 0:
+  if not cast(float, epsilon) >= 0:
     raise ValueError(
       f"`epsilon`={epsilon!r} must be >= 0; it is added to the variance before the square "
       "root, so use a small positive value such as 1e-3."
@@ -375,7 +375,7 @@ def check_config(
 def _check_unit_interval(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"`{name}`={value!r} must be a real number in [0, 1], such as 0.99.")
-  if not 0.0 <= value <= 1.0:
+  if not 0.0 <= cast(float, value) <= 1.0:
     raise ValueError(
       f"`{name}`={value!r} must be in [0, 1]: it is the weight of the old value in the moving "
       f"average (0.99 keeps 99%); pass e.g. {name}=0.99."

@@ -23,6 +23,10 @@ reshaping. Configuration arguments (axes, `axis_name`, flags) must be static und
 
 import importlib
 import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
 
 from kbn_jax._config import BatchNormConfig as BatchNormConfig
 from kbn_jax._layer import batch_normalization as batch_normalization
@@ -73,14 +77,20 @@ _DEPRECATED = {
 }
 
 
-def _batch_moments(x, reduction_axes, *, axis_name=None, axis_index_groups=None):
+def _batch_moments(
+  x: jax.typing.ArrayLike,
+  reduction_axes: Sequence[int],
+  *,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+) -> tuple[jax.Array, jax.Array]:
   """The 0.1 `batch_moments`: `moments` with the reduced axes kept."""
   return moments(
     x, reduction_axes, axis_name=axis_name, axis_index_groups=axis_index_groups, keepdims=True
   )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
   if name in _DEPRECATED:
     module, attribute = _DEPRECATED[name]
     warnings.warn(
