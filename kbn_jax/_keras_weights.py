@@ -67,23 +67,9 @@ def variables_from_keras(
   weights: Sequence[Any] | Mapping[str, Any],
   input_shape: Sequence[int | None],
 ) -> dict[str, dict[str, Any]]:
-  """Converts a Keras layer's ``get_weights()`` to this Module's Flax variables.
+  """``get_weights()`` (Keras's order and parameter shapes, or a dict by name) to variables.
 
-  Args:
-    config: the layer's configuration.
-    weights: ``layer.get_weights()``, in Keras's order ``[gamma?, beta?, moving_mean,
-      moving_variance, (moving_stddev, renorm_mean, renorm_stddev)?]``, or a dict by those
-      names. Each array has Keras's parameter shape (see `keras_param_shape`) or the feature
-      shape.
-    input_shape: the layer's input shape, with the batch dimension (which may be None).
-
-  Returns:
-    ``{"params": {"gamma", "beta"}, "batch_stats": {...}}`` (``params`` only if the layer has
-    gamma or beta), arrays in the feature shape, gamma/beta in `param_dtype` and statistics in at
-    least float32.
-
-  Raises:
-    ValueError: if the number, names or shapes of the weights do not fit the Module.
+  See `kbn_jax.keras_compat.variables_from_keras`.
   """
   shapes = layout(config, input_shape)
   if isinstance(weights, Mapping):
@@ -125,21 +111,7 @@ def keras_weights_from_variables(
   variables: Mapping[str, Mapping[str, Any]],
   input_shape: Sequence[int | None] | None = None,
 ) -> list[np.ndarray]:
-  """Converts this Module's Flax variables to a Keras ``set_weights()`` list.
-
-  Args:
-    config: the layer's configuration.
-    variables: its variables, ``{"params": ..., "batch_stats": ...}`` (e.g. the result of
-      ``init`` or the layer's sub-tree of a model's variables).
-    input_shape: the input shape; needed only when Keras's weights have the full input rank
-      (several feature axes or ghost batches).
-
-  Returns:
-    NumPy arrays in Keras's ``get_weights()`` order and parameter shapes.
-
-  Raises:
-    ValueError: for missing variables, or a missing `input_shape` where it is needed.
-  """
+  """Variables to a ``set_weights()`` list (see `kbn_jax.keras_compat`)."""
   stats = variables.get("batch_stats", {})
   if "moving_mean" not in stats:
     raise ValueError(

@@ -744,6 +744,13 @@ def _call_adjustment(adjustment, shape, key):
   return tuple(results)
 
 
+_GHOSTS_MIX_SHARDS = (
+  "`virtual_batch_size`={vbs} is not a multiple of the {shards} shards of the batch (axis 0 "
+  "sharded over {names} of an Explicit mesh): Keras's strided ghost batches would mix shards. "
+  "Use a multiple of {shards}, a mesh with `AxisType.Auto` axes, or `jax.shard_map`."
+)
+
+
 def _check_explicit_batch_sharding(x: jax.Array, ghost_size: int) -> None:
   """Raises where sharded `jit` on an Explicit mesh cannot lay out Keras's ghost batches.
 
@@ -758,15 +765,13 @@ def _check_explicit_batch_sharding(x: jax.Array, ghost_size: int) -> None:
   names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
   shards = math.prod(sharding.mesh.shape[name] for name in names)
   if shards > 1 and ghost_size % shards:
-    raise ValueError(
-      f"`virtual_batch_size`={ghost_size} is not a multiple of the {shards} shards of the batch "
-      f"(axis 0 is sharded over {names} of an Explicit mesh), so Keras's strided ghost batches "
-      f"would mix shards and JAX cannot lay them out. Use a `virtual_batch_size` that is a "
-      f"multiple of {shards} (then `jax.shard_map` with `axis_name` and "
-      "`ghost_batch_scope='global'` gives the same numbers too); or a mesh with `AxisType.Auto` "
-      "axes, which gathers the activations to lay them out; or `jax.shard_map` with the default "
-      "`ghost_batch_scope='device'`, which splits each device's batch instead."
-    )
+    raise ValueError(_GHOSTS_MIX_SHARDS.format(vbs=ghost_size, shards=shards, names=names))
+
+
+_AXIS_NAME_NOT_BOUND = (
+  "`axis_name`={axis_name!r} is not bound: cross-device statistics need the training call to "
+  "run inside {mapping} over an axis named {axis_name!r}; or pass `axis_name=None`."
+)
 
 
 def _check_axis_name_bound(axis_name, hints) -> None:
@@ -774,9 +779,5 @@ def _check_axis_name_bound(axis_name, hints) -> None:
   try:
     jax.lax.axis_size(axis_name)
   except NameError as error:
-    raise ValueError(
-      f"`axis_name`={axis_name!r} is not bound: cross-device statistics need the training call "
-      f"to run inside {hints.mapping_hint} over an axis named {axis_name!r}. Call the step under "
-      "that transformation, "
-      "or construct the layer with `axis_name=None` for single-device statistics."
-    ) from error
+    message = _AXIS_NAME_NOT_BOUND.format(axis_name=axis_name, mapping=hints.mapping_hint)
+    raise ValueError(message) from error

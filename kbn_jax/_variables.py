@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kbn_jax import _moments, initializers, regularizers
-from kbn_jax._config import BatchNormConfig, canonicalize_axis
+from kbn_jax._config import BatchNormConfig
 
 
 def stat_names(config: BatchNormConfig) -> tuple[str, ...]:
@@ -42,7 +42,7 @@ def feature_axes(config: BatchNormConfig, rank: int) -> tuple[int, ...]:
     ValueError: for a scalar input, an axis out of range, a repeated axis, or a ghost-batch
       layer whose axis includes the batch axis.
   """
-  axes = normalize_axes(canonicalize_axis(config.axis), rank)
+  axes = normalize_axes(config.axis, rank)  # canonical since the config's construction
   if config.virtual_batch_size is not None:
     _check_ghost_batch_axes(axes)
   return tuple(sorted(axes))

@@ -33,6 +33,18 @@ LINEN = _layer.Hints(
 )
 
 
+_IMMUTABLE_STATS = (
+  "`training=True` updates the moving statistics, so the 'batch_stats' collection must be "
+  "mutable: call `layer.apply(variables, x, training=True, mutable=['batch_stats'])`, or "
+  "construct the layer with `trainable=False`."
+)
+_NO_MODE = (
+  "No mode was given: pass `training=True` (or False) to the call, or set "
+  "`use_running_average` on the Module. 'batch_stats' is mutable, so this looks like a "
+  "training call; pass `training=None` for Keras's default (inference)."
+)
+
+
 class BatchNormalization(nn.Module):
   """Keras 2.x ``BatchNormalization`` in its V1 form (``tf.compat.v1`` semantics).
 
@@ -191,12 +203,7 @@ class BatchNormalization(nn.Module):
     params, stats = self._variables(x.shape, initializing)
     updating = _layer.updates_statistics(config, training) and not initializing
     if updating and not self.is_mutable_collection("batch_stats"):
-      raise ValueError(
-        "`training=True` updates the moving statistics, so the 'batch_stats' collection must "
-        "be mutable: call `layer.apply(variables, x, training=True, "
-        "mutable=['batch_stats'])` and keep the returned updates (or construct the layer "
-        "with `trainable=False` to freeze them)."
-      )
+      raise ValueError(_IMMUTABLE_STATS)
     if training and not initializing and self.is_mutable_collection("losses"):
       for name, value in _variables.regularization_penalties(config, params, x.shape).items():
         self.sow("losses", name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
@@ -229,14 +236,7 @@ class BatchNormalization(nn.Module):
         return not mode
       if training is _NOT_GIVEN and self.is_mutable_collection("batch_stats"):
         if not self.is_initializing():
-          raise ValueError(
-            "No mode was given: pass `training=True` (or False) to the call, or set "
-            "`use_running_average` on the Module (e.g. `functools.partial("
-            "kbn_jax.BatchNormalization, use_running_average=not train)`). The 'batch_stats' "
-            "collection is mutable, so this looks like a training call, but without a mode it "
-            "would normalize with the moving statistics and update nothing. Pass "
-            "`training=None` for Keras's default (inference)."
-          )
+          raise ValueError(_NO_MODE)
       return False
     training = _layer.check_training(training, LINEN)
     if mode is not None and training == mode:

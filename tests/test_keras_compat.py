@@ -507,12 +507,12 @@ def _model_from_h5(name, path, configs_from):
   record, _ = keras_models.load(name)
   bn_inputs = BN_INPUTS[name]
   if configs_from == "h5":
-    bn_configs = {bn: keras_compat.load_keras_h5_config(path, bn) for bn in bn_inputs}
+    bn_configs = {bn: keras_compat.load_layer_config(path, bn) for bn in bn_inputs}
   else:
     bn_configs = {bn: record["layers"][bn]["config"] for bn in bn_inputs}
   params, batch_stats = {}, {}
   for layer in record["layers"]:
-    weights = keras_compat.load_keras_h5_weights(path, layer)
+    weights = keras_compat.load_layer_weights(path, layer)
     if layer in bn_inputs:
       module = keras_compat.from_keras_config(bn_configs[layer])
       variables = keras_compat.variables_from_keras(module, weights, bn_inputs[layer])
@@ -553,7 +553,7 @@ def test_flax_twin_reproduces_keras_model(name, file, configs_from):
 def test_h5_weights_equal_get_weights(file):
   record, arrays = keras_models.load("convnet")
   for layer in record["layers"]:
-    weights = keras_compat.load_keras_h5_weights(keras_models.FIXTURES / file, layer)
+    weights = keras_compat.load_layer_weights(keras_models.FIXTURES / file, layer)
     expected = keras_models.weights(arrays, f"{layer}/")
     assert len(weights) == len(expected)
     for a, b in zip(weights, expected, strict=True):
@@ -561,7 +561,7 @@ def test_h5_weights_equal_get_weights(file):
 
 
 def test_h5_renorm_weights_come_in_keras_order():
-  weights = keras_compat.load_keras_h5_weights(keras_models.FIXTURES / "renorm_mlp.h5", "bn")
+  weights = keras_compat.load_layer_weights(keras_models.FIXTURES / "renorm_mlp.h5", "bn")
   _, arrays = keras_models.load("renorm_mlp")
   assert len(weights) == 7
   for a, b in zip(weights, keras_models.weights(arrays, "bn/"), strict=True):
@@ -584,13 +584,13 @@ def test_h5_frozen_layer_order_and_nested_layers(tmp_path):
     group.attrs["weight_names"] = [n.encode() for n in names]
     for n in names:
       group[n] = values[n.split("/")[-1][:-2]]
-  weights = keras_compat.load_keras_h5_weights(path, "bn")
+  weights = keras_compat.load_layer_weights(path, "bn")
   for i, w in enumerate(weights):
     np.testing.assert_array_equal(w, np.full(3, i))
-  with pytest.raises(KeyError, match=r"No layer named 'nope'.*\['inner'\]"):
-    keras_compat.load_keras_h5_weights(path, "nope")
+  with pytest.raises(KeyError, match=r"no layer named 'nope'.*\['inner'\]"):
+    keras_compat.load_layer_weights(path, "nope")
   with pytest.raises(KeyError, match="holds no model config"):
-    keras_compat.load_keras_h5_config(path, "bn")
+    keras_compat.load_layer_config(path, "bn")
 
 
 def test_h5_new_weights_format_is_explained(tmp_path):
@@ -599,19 +599,19 @@ def test_h5_new_weights_format_is_explained(tmp_path):
     f.create_group("layers/batch_normalization/vars")
   # The newer layout names groups after classes: names need the model config (issue 12).
   with pytest.raises(KeyError, match=r"holds no model config, so layer names need config_path="):
-    keras_compat.load_keras_h5_weights(path, "batch_normalization")
+    keras_compat.load_layer_weights(path, "batch_normalization")
 
 
 def test_h5_config_lookup():
-  config = keras_compat.load_keras_h5_config(keras_models.FIXTURES / "multi_axis.h5", "bn_ghost")
+  config = keras_compat.load_layer_config(keras_models.FIXTURES / "multi_axis.h5", "bn_ghost")
   assert config["class_name"] == "BatchNormalization"
   assert config["config"]["axis"] == [4]  # Keras's shifted ghost-batch axis, saved after build
   assert keras_compat.from_keras_config(config).axis == (3,)
-  with pytest.raises(KeyError, match="No layer named 'nope' in the model config"):
-    keras_compat.load_keras_h5_config(keras_models.FIXTURES / "multi_axis.h5", "nope")
+  with pytest.raises(KeyError, match=r"no layer named 'nope'\. BatchNormalization layers"):
+    keras_compat.load_layer_config(keras_models.FIXTURES / "multi_axis.h5", "nope")
 
 
 def test_h5_without_h5py_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "h5py", None)
   with pytest.raises(ImportError, match=r"needs the optional dependency h5py: `pip install h5py`"):
-    keras_compat.load_keras_h5_weights(keras_models.FIXTURES / "convnet.h5", "bn1")
+    keras_compat.load_layer_weights(keras_models.FIXTURES / "convnet.h5", "bn1")
