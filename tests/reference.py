@@ -1,8 +1,9 @@
 """An independent float64 NumPy reference of the Keras 2.x V1 BatchNormalization layer.
 
-Test-only oracle. It re-derives every formula from ``keras_bn_v1_spec.md`` (sections 3.3-3.9 and
-4) without importing `kbn_jax`, JAX or Flax, and computes in float64 throughout, so tests can
-compare the library (float32 or 16-bit) against it with tolerances set by dtype.
+Test-only oracle. It re-derives every formula from the spec (``docs/keras_bn_v1_spec.md``
+§§3.3-3.9 and §4; "spec §N" in the tests) without importing `kbn_jax`, JAX or Flax, and
+computes in float64 throughout, so tests can compare the library (float32 or 16-bit) against it
+with tolerances set by dtype.
 
 State is a dict of float64 arrays in the *feature shape* (the sizes of the feature axes in
 increasing axis order), named like the layer's variables: ``gamma``, ``beta`` (params) and
@@ -140,7 +141,7 @@ def renorm_correction(
   epsilon: float,
   renorm_clipping: Mapping[str, float | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Batch Renormalization's ``(r, d)`` from pre-update renorm statistics (spec section 3.6).
+  """Batch Renormalization's ``(r, d)`` from pre-update renorm statistics (spec §3.6).
 
   ``r = clip(sqrt(v + eps) / s, rmin, rmax)``, ``d = clip((mu - m) / s, -dmax, dmax)`` with
   ``s = max(renorm_stddev, sqrt(eps))``; rmin is applied before rmax.
@@ -186,7 +187,7 @@ def v1_fused(
   fused: bool | None = None,
   compute_dtype: Any = "float32",
 ) -> bool:
-  """Keras V1's fused resolution at build (spec sections 1.5 and 2 step 3-4).
+  """Keras V1's fused resolution at build (spec §§1.5 and 2 step 3-4).
 
   True iff `fused` is None/True, the rank is 4 with the single axis 1 or 3, or rank 5 with the
   single axis 1 or 4 (after normalization), there is no renorm, ghost batch or adjustment, and
@@ -360,7 +361,7 @@ def _forward(
   batch_variance = batch_variance.reshape(features)
 
   bc = lambda v: broadcast_feature(_f64(v), fax, xs.ndim)  # noqa: E731
-  # y = ((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta  (spec section 8, item 9).
+  # y = ((x_hat * r + d) * adj_scale + adj_bias) * gamma + beta  (spec §8, item 9).
   sigma = np.sqrt(variance + epsilon)
   x_hat = (xs - mean) / sigma
   pre = x_hat

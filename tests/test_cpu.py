@@ -1,4 +1,4 @@
-"""`kbn_jax.cpu`: the opt-in glibc allocator setting (issue 13), run in a fresh process."""
+"""`kbn_jax.cpu`: the opt-in glibc allocator setting, run in a fresh process."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Batch statistics across devices: N devices == one device on the concatenated batch (issue 3).
+"""Batch statistics across devices: N devices == one device on the concatenated batch.
 
 Eight host CPU devices (see ``conftest.py``). Every test holds the library to an invariant or to
 an independent float64 NumPy reference, never to numbers taken from the code under test:
@@ -307,7 +307,7 @@ def test_axis_index_groups_give_each_group_its_statistics():
 
 
 # --------------------------------------------------------------------------------------------
-# Ghost batches: a float64 NumPy reference of the per-device rule (issue 3, item 1)
+# Ghost batches: a float64 NumPy reference of the per-device rule
 # --------------------------------------------------------------------------------------------
 
 
@@ -681,7 +681,7 @@ def test_pmap_matches_one_device(case):
 
 
 # --------------------------------------------------------------------------------------------
-# Ghost-batch scope (issue 13): "global" equals one device everywhere; "device" does not
+# Ghost-batch scope: "global" equals one device everywhere; "device" does not
 # --------------------------------------------------------------------------------------------
 
 GLOBAL_GHOST_CASES = tuple(

@@ -1,5 +1,5 @@
 """Every misuse of `BatchNormalization` fails loudly, with the exact error type and a message
-that names the argument (issue 2 section 4, issue 7 item 4; spec sections 1-2)."""
+that names the argument (spec §§1-2)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ _AXIS_TYPE = r"Expected an int or a list/tuple of ints for the argument 'axis'"
 _UNIT = r"must be in \[0, 1\]"
 
 CONSTRUCTION_ERRORS = [
-  # axis type (Keras rejects these at construction too; spec section 1.2).
+  # axis type (Keras rejects these at construction too; docs/keras_bn_v1_spec.md §1.2).
   ("axis_float", {"axis": 1.0}, TypeError, _AXIS_TYPE + r".*1\.0 of type float"),
   ("axis_none", {"axis": None}, TypeError, _AXIS_TYPE + r".*None of type NoneType"),
   ("axis_str", {"axis": "-1"}, TypeError, _AXIS_TYPE + r".*'-1' of type str"),
@@ -65,7 +65,7 @@ CONSTRUCTION_ERRORS = [
   ("renorm_none", {"renorm": None}, TypeError, r"`renorm`=None must be a Python bool"),
   ("trainable_str", {"trainable": "no"}, TypeError, r"`trainable`='no' must be a Python bool"),
   ("fused_str", {"fused": "auto"}, TypeError, r"`fused`='auto' must be None, True or False"),
-  # virtual_batch_size (Keras: build-time ValueError for <= 0; spec section 2 step 2).
+  # virtual_batch_size (Keras: build-time ValueError for <= 0; docs/keras_bn_v1_spec.md §2 step 2).
   ("vbs_zero", {"virtual_batch_size": 0}, ValueError, r"`virtual_batch_size` must be a positive"),
   ("vbs_negative", {"virtual_batch_size": -4}, ValueError, r"virtual_batch_size=-4"),
   ("vbs_float", {"virtual_batch_size": 2.0}, TypeError, r"`virtual_batch_size`=2\.0 must be"),
@@ -78,7 +78,7 @@ CONSTRUCTION_ERRORS = [
     r"When using `virtual_batch_size`, adjustment cannot be specified",
   ),
   ("adjustment_not_callable", {"adjustment": (1.0, 0.0)}, TypeError, r"`adjustment`=.* callable"),
-  # renorm_clipping (Keras checks the keys only; spec section 1.4).
+  # renorm_clipping (Keras checks the keys only; docs/keras_bn_v1_spec.md §1.4).
   (
     "clipping_unknown_key",
     {"renorm": True, "renorm_clipping": {"rmax": 3.0, "r_max": 3.0}},
@@ -186,7 +186,7 @@ def test_construction_error(kwargs, error, match):
 
 
 def test_renorm_clipping_is_ignored_without_renorm():
-  """Keras neither stores nor validates `renorm_clipping` when `renorm=False` (spec 1.1)."""
+  """Keras neither stores nor validates `renorm_clipping` when `renorm=False` (spec §1.1)."""
   layer = BN(renorm=False, renorm_clipping={"nonsense": "x"})
   variables = _init(layer, (4, 3))
   assert set(variables["batch_stats"]) == {"moving_mean", "moving_variance"}
@@ -421,7 +421,7 @@ def test_adjustment_result_that_does_not_broadcast(adj_shape):
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_], ids=str)
 @pytest.mark.parametrize("training", [False, True])
 def test_integer_and_boolean_input_is_cast_to_float(dtype, training, rng):
-  """Keras casts integer input to the float compute dtype (spec 3.1 step 2); so do we."""
+  """Keras casts integer input to the float compute dtype (spec §3.1 step 2); so do we."""
   x = rng.integers(0, 5, size=(6, 3)).astype(np.dtype(dtype))
   layer = BN(momentum=0.5, gamma_initializer="ones")
   variables = _init(layer, (6, 3))
@@ -474,7 +474,7 @@ def test_trainable_false_trains_without_mutable_collection(rng):
 
 
 def test_mask_on_fused_configuration_warns_and_is_ignored(rng):
-  """Keras ignores a mask on the fused path with a warning (spec 3.4 step 1)."""
+  """Keras ignores a mask on the fused path with a warning (spec §3.4 step 1)."""
   layer = BN(momentum=0.5)
   x = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
   variables = _init(layer, x.shape)

@@ -96,7 +96,7 @@ def test_raw_jax_example_imports_neither_flax_nor_optax(runs):
 
 @pytest.mark.parametrize("api", ["nnx", "equinox", "haiku"])
 def test_digits_example_trains_in_every_library(runs, api):
-  """The same CNN in Flax NNX (issue 11), Equinox and Haiku (issue 19) with their kbn_jax layer."""
+  """The same CNN in Flax NNX, Equinox and Haiku with their kbn_jax layer."""
   run = runs[f"train_digits.py --api {api}"]
   code = run.wait()
   output = run.output_tail()

@@ -1,4 +1,4 @@
-"""From Flax's own batch norm (issue 11): converted layers reproduce Flax's numbers."""
+"""From Flax's own batch norm: converted layers reproduce Flax's numbers."""
 
 import flax.linen as nn
 import jax

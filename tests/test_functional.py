@@ -150,7 +150,7 @@ def test_renorm_correction_has_no_gradient():
 
 
 def test_renorm_normalization_gradient():
-  """The renorm path differentiates like BN with r, d held constant (spec section 3.10)."""
+  """The renorm path differentiates like BN with r, d held constant (spec §3.10)."""
   x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 2)), jnp.float32)
   renorm_stats = (jnp.zeros((1, 2)), jnp.full((1, 2), 0.7))
 

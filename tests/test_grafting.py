@@ -1,4 +1,4 @@
-"""Grafting loaded batch norms into a user's own Flax model (issue 20, item 2)."""
+"""Grafting loaded batch norms into a user's own Flax model."""
 
 import flax.linen as nn
 import jax

@@ -1,4 +1,4 @@
-"""The Haiku front-end (issue 19): fixture parity, equality with linen, one scope per instance.
+"""The Haiku front-end: fixture parity, equality with linen, one scope per instance.
 
 `kbn_jax.haiku.BatchNormalization` replays the 78 tf_keras V1 fixtures and the 42 V2 / Keras 3 /
 PyTorch fixtures, equals the linen Module bit for bit on a few cases, and runs the float64

@@ -172,7 +172,7 @@ def test_overrides():
 
 
 # ---------------------------------------------------------------------------------------------
-# The ghost-batch shifted axis (spec section 6.1)
+# The ghost-batch shifted axis (spec §6.1)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
   ("config", "kwargs", "expected"),
@@ -409,7 +409,7 @@ def test_weights_round_trip_and_match_init_structure(configs, name):
   ],
 )
 def test_keras_param_shape_matches_spec(kwargs, shape, expected):
-  # Shapes of spec section 2, step 6.
+  # Shapes of spec §2, step 6.
   assert keras_compat.keras_param_shape(kbn_jax.BatchNormalization(**kwargs), shape) == expected
 
 
@@ -597,7 +597,7 @@ def test_h5_new_weights_format_is_explained(tmp_path):
   path = tmp_path / "model.weights.h5"
   with h5py.File(path, "w") as f:
     f.create_group("layers/batch_normalization/vars")
-  # The newer layout names groups after classes: names need the model config (issue 12).
+  # The newer layout names groups after classes: names need the model config.
   with pytest.raises(KeyError, match=r"holds no model config, so layer names need config_path="):
     keras_compat.load_layer_weights(path, "batch_normalization")
 

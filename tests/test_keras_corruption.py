@@ -1,4 +1,4 @@
-"""Byte corruption of every valid fixture file (issue 17), drawn by Hypothesis.
+"""Byte corruption of every valid fixture file, drawn by Hypothesis.
 
 Each damaged file either reads as Keras wrote it or fails with a clear `ValueError` naming the
 file. A `.keras` zip is CRC-checked, so a read that succeeds returns exactly Keras's numbers. HDF5

@@ -21,7 +21,7 @@ KEY = jax.random.key(0)
 
 
 def _config_forms(class_name, config):
-  """One object in every serialized form Keras writes (spec section 6.1)."""
+  """One object in every serialized form Keras writes (spec §6.1)."""
   return [
     {"class_name": class_name, "config": dict(config)},  # Keras 2.6-2.12
     {

@@ -1,4 +1,4 @@
-"""Keras's own V1 numeric tests (spec section 7), rewritten against float64 NumPy references.
+"""Keras's own V1 numeric tests (spec §7), rewritten against float64 NumPy references.
 
 Each test names the Keras test it ports. Tolerances are Keras's.
 """
@@ -337,7 +337,7 @@ def test_trainable_false_uses_batch_statistics_without_updates():
   assert updates == {} or updates["batch_stats"] == variables["batch_stats"]
 
 
-# spec section 10 golden values ------------------------------------------------------------------
+# spec §10 golden values ---------------------------------------------------------------------------
 
 _G1_X = [[1.0, 2.0], [3.0, 6.0], [5.0, 10.0], [7.0, 14.0]]
 

@@ -1,4 +1,4 @@
-"""`keras_compat.load_batch_norms` on real tf_keras and Keras 3 files (issue 12).
+"""`keras_compat.load_batch_norms` on real tf_keras and Keras 3 files.
 
 Each file's layers are loaded with the semantics the file says, then run on the input Keras saw:
 the training-mode output (a frozen layer shows its library's semantics), the statistics after

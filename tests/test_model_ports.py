@@ -1,4 +1,4 @@
-"""Whole-model ports against the real libraries (issue 20, item 3), replayed without TF or torch.
+"""Whole-model ports against the real libraries, replayed without TF or torch.
 
 The fixtures in ``tests/model_ports`` were written by tf_keras 2.21, Keras 3.15.1 and torch 2.13
 (``generate_keras.py``, ``generate_torch.py``): a keras.applications MobileNetV2 and a

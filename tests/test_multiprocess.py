@@ -3,7 +3,7 @@
 The test launches `_multiprocess_worker.py` twice on 127.0.0.1, each process with two CPU
 devices, so the mesh spans four devices in two processes. The processes train a few steps of a
 layer that synchronizes its statistics over the whole mesh; the test compares what they report
-with the same steps on one device and the concatenated batch (issue 3, item 4).
+with the same steps on one device and the concatenated batch.
 
 The processes run in their own session under a hard timeout and are always killed, so a stuck
 coordinator cannot hang CI.

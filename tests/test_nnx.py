@@ -1,4 +1,4 @@
-"""The Flax NNX front-end (issue 11): Keras V1 parity, equality with linen, modes, errors.
+"""The Flax NNX front-end: Keras V1 parity, equality with linen, modes, errors.
 
 The 78 tf_keras V1 fixtures are replayed through `kbn_jax.nnx.BatchNormalization` (outputs,
 every statistic after every step, gradients with respect to input, gamma and beta, inference),

@@ -1,4 +1,4 @@
-"""`kbn_jax.nnx.BatchNormalization` under the Flax NNX toolbox (issue 11, item 3).
+"""`kbn_jax.nnx.BatchNormalization` under the Flax NNX toolbox.
 
 Every test holds the NNX module to an invariant, never to numbers taken from the code under test:
 

@@ -1,4 +1,4 @@
-"""Numerically hard inputs, empty batches, NaN/Inf, compilation and determinism (issue 7).
+"""Numerically hard inputs, empty batches, NaN/Inf, compilation and determinism.
 
 Also checks the float64 reference itself (`tests/reference.py`) against the committed Keras
 fixtures and against finite differences, so the property tests stand on a verified oracle.
@@ -474,7 +474,7 @@ def _empty_step(name, jit, rng):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", sorted(EMPTY_CASES))
 def test_empty_batch_leaves_statistics_unchanged(name, jit, rng):
-  """Deliberate difference from Keras (spec 4.4), whose statistics become NaN."""
+  """Deliberate difference from Keras (spec §4.4), whose statistics become NaN."""
   variables, _, y, updates = _empty_step(name, jit, rng)
   assert y.shape == EMPTY_CASES[name][0] and y.dtype == jnp.float32
   for stat, value in updates["batch_stats"].items():

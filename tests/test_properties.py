@@ -1,4 +1,4 @@
-"""Property tests: random configurations against the float64 reference (issue 7, item 1).
+"""Property tests: random configurations against the float64 reference.
 
 Each example draws a rank (1-5), a shape with size-1 dims, a set of feature axes (spelled
 positive or negative, in any order), center/scale, momentum, epsilon, renorm with a random
@@ -10,7 +10,7 @@ initial variables. It then checks, against `tests/reference.py`:
   every statistic after each step;
 * inference with the final statistics.
 
-Every example runs through the linen Module and the NNX Module (issue 11: both front-ends).
+Every example runs through the linen Module and the NNX Module (both front-ends).
 
 Profiles (select with ``HYPOTHESIS_PROFILE``):
 
@@ -227,7 +227,7 @@ def _train_step(layer, mask):
 
 
 def _nnx_steps(layer, mask, params, stats):
-  """The same step and inference through the NNX Module built from the linen one (issue 11)."""
+  """The same step and inference through the NNX Module built from the linen one."""
   variables = {"params": params, "batch_stats": stats} if params else {"batch_stats": stats}
   module = kbn_jax.nnx.BatchNormalization.from_linen(layer, variables)
   names = [n for n in ("gamma", "beta") if n in params]

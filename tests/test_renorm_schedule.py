@@ -3,7 +3,7 @@
 The clipping values are passed per call (``renorm_clipping=`` of ``__call__``), as traced
 scalars: a jitted train step must trace and compile once, and give the result of a layer built
 with those bounds as fixed (Python float) configuration, which the float64 reference confirms.
-Regression test for issue 6 (and the CrossQ use case of google/flax#3822).
+A regression test for the CrossQ use case of google/flax#3822.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`kbn_jax.torch_compat` (issue 12): conventions, round trips and errors.
+"""`kbn_jax.torch_compat`: conventions, round trips and errors.
 
 The numbers against real PyTorch are in tests/framework_parity (14 recorded BatchNorm cases).
 """

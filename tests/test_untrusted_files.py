@@ -1,4 +1,4 @@
-"""Hostile Keras files (issue 17): each is refused with a clear error, fast and in little memory.
+"""Hostile Keras files: each is refused with a clear error, fast and in little memory.
 
 The corpus is built here, with h5py's low-level writes and a raw zip writer. The hostile cases run
 in a few subprocesses that import only the reader (`kbn_jax._keras_files`, NumPy, h5py) under an

@@ -416,7 +416,7 @@ _case(
 )
 
 # --------------------------------------------------------------------------
-# Golden values of keras_bn_v1_spec.md section 10 (checked by generate.py)
+# Golden values of docs/keras_bn_v1_spec.md section 10 (checked by generate.py)
 # --------------------------------------------------------------------------
 _G1_X = [[1.0, 2.0], [3.0, 6.0], [5.0, 10.0], [7.0, 14.0]]
 _G2_X = [[[[0.0, 1.0]]], [[[2.0, 5.0]]]]

@@ -188,7 +188,7 @@ def run_case(case: dict) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # --------------------------------------------------------------------------
-# Golden values (keras_bn_v1_spec.md section 10)
+# Golden values (docs/keras_bn_v1_spec.md section 10)
 # --------------------------------------------------------------------------
 _G2_Y = [-0.9995004, -0.99987507, 0.9995004, 0.99987507]
 GOLDEN = {
