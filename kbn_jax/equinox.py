@@ -43,11 +43,10 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from kbn_jax import _batch_norm, _validation
+from kbn_jax import _layer, _variables
 from kbn_jax._config import FIELD_NAMES, BatchNormConfig
-from kbn_jax.nnx import _feature_shape, _proxy_input_shape
 
-EQUINOX = _batch_norm.Api(
+EQUINOX = _layer.Hints(
   training_hint=(
     "call the model under `eqx.filter_jit` (which keeps Python bools static) and switch modes "
     "with `eqx.nn.inference_mode`"
@@ -83,18 +82,18 @@ _PER_EXAMPLE_NEEDS_AXIS_NAME = (
 )
 
 
+def _per_example_ghosts(virtual_batch_size: int) -> str:
+  return (
+    f"`virtual_batch_size`={virtual_batch_size} splits the batch into Keras's strided ghost "
+    "batches, which a per-example call under `jax.vmap` cannot see: construct the layer without "
+    "`axis_name` (or with `per_example=False`) and call it on the whole batch."
+  )
+
+
 def _needs_key(names: list[str]) -> str:
   return (
     f"The initializers of {names} draw random numbers: pass `key=jax.random.key(0)` (any PRNG "
     "key) to kbn_jax.equinox.BatchNormalization."
-  )
-
-
-def _run(x, params, stats, config, *, training, per_example, **kwargs):
-  """The pure layer (the core's front-end entry point; `per_example` selects the batched rank)."""
-  del per_example  # TODO(core): pass per_example=per_example once `_layer.run` exists
-  return _batch_norm.batch_normalization(
-    x, params, stats, config, training=training, api=EQUINOX, **kwargs
   )
 
 
@@ -150,25 +149,25 @@ class BatchNormalization(eqx.nn.StatefulLayer):
     if unknown:
       raise TypeError(_unknown_arguments(unknown))
     config = BatchNormConfig(axis_name=axis_name, **kwargs)
-    _validation.check_optional_bool("inference", inference)
-    _validation.check_optional_bool("per_example", per_example)
+    _layer.check_optional_bool("inference", inference)
+    _layer.check_optional_bool("per_example", per_example)
     per_example = axis_name is not None if per_example is None else per_example
     if per_example and axis_name is None:
       raise ValueError(_PER_EXAMPLE_NEEDS_AXIS_NAME)
-    shape = _feature_shape(num_features, config)
-    names = _batch_norm.param_names(config) + _batch_norm.stat_names(config)
-    random = [name for name in names if _batch_norm.initializer_needs_key(config, name)]
+    if per_example and config.virtual_batch_size is not None:
+      raise ValueError(_per_example_ghosts(config.virtual_batch_size))
+    shape = _variables.checked_num_features(num_features, config)
+    names = _variables.param_names(config) + _variables.stat_names(config)
+    random = [name for name in names if _variables.initializer_needs_key(config, name)]
     if random and key is None:
       raise ValueError(_needs_key(random))
     keys = dict(zip(random, jax.random.split(key, len(random)), strict=True)) if random else {}
-    proxy = _proxy_input_shape(config, shape)
-    values = {
-      name: _batch_norm.initial_value(config, name, keys.get(name), proxy) for name in names
-    }
+    proxy = _variables.proxy_input_shape(config, shape)
+    values = {name: _variables.initial_value(config, name, keys.get(name), proxy) for name in names}
     self.gamma = values.get("gamma")
     self.beta = values.get("beta")
     self.state_index = eqx.nn.StateIndex(
-      {name: values[name] for name in _batch_norm.stat_names(config)}
+      {name: values[name] for name in _variables.stat_names(config)}
     )
     self.inference = inference
     self.config = config
@@ -203,11 +202,11 @@ class BatchNormalization(eqx.nn.StatefulLayer):
     inference = self.inference if inference is None else inference
     if isinstance(inference, jax.core.Tracer):
       raise TypeError(_traced_inference(inference))
-    _validation.check_optional_bool("inference", inference)
+    _layer.check_optional_bool("inference", inference)
     params = {"gamma": self.gamma, "beta": self.beta}
-    y, stats = _run(
+    y, stats = _layer.run(
       x,
-      {name: params[name] for name in _batch_norm.param_names(self.config)},
+      {name: params[name] for name in _variables.param_names(self.config)},
       state.get(self.state_index),
       self.config,
       training=not inference,
@@ -215,6 +214,7 @@ class BatchNormalization(eqx.nn.StatefulLayer):
       mask=mask,
       renorm_clipping=renorm_clipping,
       adjustment_key=key,
+      hints=EQUINOX,
     )
     return y, state.set(self.state_index, stats)
 

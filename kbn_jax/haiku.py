@@ -31,10 +31,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from kbn_jax import _batch_norm, _validation
+from kbn_jax import _layer, _variables
 from kbn_jax._config import FIELD_NAMES, BatchNormConfig
 
-HAIKU = _batch_norm.Api(
+HAIKU = _layer.Hints(
   training_hint=(
     "jit the step with `static_argnames=('is_training',)` (e.g. "
     "`jax.jit(f.apply, static_argnames='is_training')`), or jit one function for training and "
@@ -59,13 +59,6 @@ def _traced_is_training(value: Any) -> str:
   return (
     f"`is_training`={value!r} is traced, but it must be a Python bool: it selects the "
     f"computation, so it is static: {HAIKU.training_hint}."
-  )
-
-
-def _run(x, params, stats, config, *, training, **kwargs):
-  """The pure layer (the core's front-end entry point)."""
-  return _batch_norm.batch_normalization(
-    x, params, stats, config, training=training, api=HAIKU, **kwargs
   )
 
 
@@ -114,28 +107,28 @@ class BatchNormalization(hk.Module):
       raise TypeError(_traced_is_training(is_training))
     config = self.config
     input_shape = jnp.shape(inputs)
-    shape = _batch_norm.feature_shape(config, input_shape)
+    shape = _variables.feature_shape(config, input_shape)
     self._check_stored_parameters(shape)
 
     def variable(name: str):
       def init(shape, dtype):
         del shape, dtype  # the core's initial value has both (`get_state` needs placeholders)
-        key = hk.next_rng_key() if _batch_norm.initializer_needs_key(config, name) else None
-        return _batch_norm.initial_value(config, name, key, input_shape)
+        key = hk.next_rng_key() if _variables.initializer_needs_key(config, name) else None
+        return _variables.initial_value(config, name, key, input_shape)
 
       return init
 
     params = {
       name: hk.get_parameter(name, shape, config.param_dtype, init=variable(name))
-      for name in _batch_norm.param_names(config)
+      for name in _variables.param_names(config)
     }
-    names = _batch_norm.stat_names(config)
+    names = _variables.stat_names(config)
     stats = {name: hk.get_state(name, (), init=variable(name)) for name in names}
     initializing = hk.running_init()  # as linen: no collectives and no update at init
     key = None
-    if is_training and _batch_norm.adjustment_takes_key(config):
+    if is_training and _variables.adjustment_takes_key(config):
       key = hk.next_rng_key()
-    y, new_stats = _run(
+    y, new_stats = _layer.run(
       inputs,
       params,
       stats,
@@ -145,6 +138,7 @@ class BatchNormalization(hk.Module):
       renorm_clipping=renorm_clipping,
       adjustment_key=key,
       axis_name=None if initializing else config.axis_name,
+      hints=HAIKU,
     )
     if not initializing:
       for name in names:
@@ -154,7 +148,7 @@ class BatchNormalization(hk.Module):
   def _check_stored_parameters(self, shape: tuple[int, ...]) -> None:
     """Raises in Haiku's words when stored parameters were made for other feature sizes."""
     for full_name, value in self.params_dict().items():
-      _validation.check_feature_shape(full_name, jnp.shape(value), shape, HAIKU.feature_hint)
+      _layer.check_feature_shape(full_name, jnp.shape(value), shape, HAIKU.feature_hint)
 
 
 def _config_property(name: str) -> property:

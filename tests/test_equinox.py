@@ -1,4 +1,4 @@
-"""The Equinox front-end (issue 19): fixture parity, equality with linen, per example == batched.
+"""The Equinox front-end: fixture parity, equality with linen, per example == batched.
 
 `kbn_jax.equinox.BatchNormalization` replays the 78 tf_keras V1 fixtures and the 42 V2 / Keras 3
 / PyTorch fixtures (batched calls), equals the linen Module bit for bit on a few cases, runs the
@@ -243,6 +243,24 @@ def test_filter_vmap_ensemble_of_sequentials():
   np.testing.assert_allclose(moving_mean, jnp.mean(hidden, axis=1), rtol=1e-5, atol=1e-6)
 
 
+def test_batched_call_across_devices_under_shard_map():
+  """``per_example=False`` with an `axis_name`: 4 devices give the one-device statistics."""
+  P = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  synced, state = eqx.nn.make_with_state(BatchNormalization)(3, "data", per_example=False)
+  one, _ = eqx.nn.make_with_state(BatchNormalization)(3)
+  x = jax.random.normal(jax.random.key(0), (16, 3)) * 2.0 + 1.0
+  sharded = jax.jit(
+    jax.shard_map(synced, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P()))
+  )
+  x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+  y, synced_state = sharded(x_sharded, state)
+  y_one, one_state = one(x, state)
+  np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-6)
+  for stat, value in one_state.get(one.state_index).items():
+    np.testing.assert_allclose(synced_state.get(synced.state_index)[stat], value, rtol=1e-6)
+
+
 def test_errors_speak_equinox():
   layer, state = eqx.nn.make_with_state(BatchNormalization)(3)
   with pytest.raises(ValueError, match=r"Construct the layer with `num_features`"):
@@ -254,6 +272,8 @@ def test_errors_speak_equinox():
     synced(jnp.ones(3), synced_state)
   with pytest.raises(ValueError, match=r"`per_example=True` needs `axis_name`"):
     BatchNormalization(3, per_example=True)
+  with pytest.raises(ValueError, match=r"`virtual_batch_size`=4 .* construct the layer without"):
+    BatchNormalization(3, "batch", virtual_batch_size=4)
   with pytest.raises(ValueError, match=r"\['gamma'\] draw random numbers: pass `key="):
     BatchNormalization(3, gamma_initializer="random_normal")
   with pytest.raises(TypeError, match=r"Unknown arguments \['eps'\]"):
