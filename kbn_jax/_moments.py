@@ -446,7 +446,9 @@ def _moments_kernel(axes, axis_name, axis_index_groups):
   return kernel
 
 
-def sum_over_group(partials, axis_name, axis_index_groups):
+def sum_over_group(
+  partials: jax.typing.ArrayLike, axis_name: AxisName, axis_index_groups: AxisIndexGroups | None
+) -> jax.Array:
   """One collective: the sum of `partials` over this device's group of `axis_name`."""
   partials = jnp.asarray(partials)
   if axis_index_groups is None:
