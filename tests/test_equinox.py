@@ -309,6 +309,7 @@ def _equinox_steps(layer, mask):
   return step, infer
 
 
+@pytest.mark.slow
 @test_properties.PROFILE
 @given(case=test_properties.configurations())
 def test_equinox_matches_float64_reference(case):

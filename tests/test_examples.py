@@ -94,6 +94,7 @@ def test_raw_jax_example_imports_neither_flax_nor_optax(runs):
   assert "test accuracy" in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", ["nnx", "equinox", "haiku"])
 def test_digits_example_trains_in_every_library(runs, api):
   """The same CNN in Flax NNX, Equinox and Haiku with their kbn_jax layer."""
@@ -104,6 +105,7 @@ def test_digits_example_trains_in_every_library(runs, api):
   assert f"({api})" in output and "test accuracy" in output, output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("script", "expected"),
   [

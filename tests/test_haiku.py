@@ -190,6 +190,7 @@ def _haiku_steps(layer, mask):
   return step, infer
 
 
+@pytest.mark.slow
 @test_properties.PROFILE
 @given(case=test_properties.configurations())
 def test_haiku_matches_float64_reference(case):

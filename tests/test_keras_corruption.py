@@ -40,6 +40,7 @@ damage = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(
   max_examples=60,
   deadline=None,

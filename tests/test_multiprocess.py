@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests import _multiprocess_worker as worker
 
@@ -99,6 +100,7 @@ def _assert_close(name: str, actual: np.ndarray, expected: np.ndarray) -> None:
   assert error <= TOLERANCE * scale, f"{name}: max difference {error:.3g} (scale {scale:.3g})"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_device(tmp_path):
   outputs = _run_workers(tmp_path)
   expected = worker.run_single_device()

@@ -299,7 +299,7 @@ def _assert_state_close(actual_stats, expected_state, rel, what):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("front_end", ["linen", "nnx"])
+@pytest.mark.parametrize("front_end", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 @PROFILE
 @given(case=configurations())
 def test_layer_matches_float64_reference(front_end, case):
