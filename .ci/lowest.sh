@@ -39,7 +39,7 @@ python -m pip list --format=freeze | grep -iE "^($(cut -d= -f1 "$constraints" | 
   || { echo "lowest.sh: installed versions differ from the pins above" >&2; exit 1; }
 
 subset=(
-  tests/test_layer.py tests/test_nnx.py tests/test_pure_function.py tests/test_flax_compat.py
+  tests/test_layer.py tests/test_linen.py tests/test_nnx.py tests/test_flax_compat.py
   tests/test_keras_files.py tests/test_load_batch_norms.py tests/test_keras_compat.py
   tests/test_torch_compat.py tests/test_training_helpers.py tests/test_equinox.py
   tests/test_haiku.py

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kbn_jax
+from tests._asserts import assert_trees_close
 
 NUM_DEVICES = 8
 AXIS = "data"
@@ -168,22 +169,6 @@ def _single_device(case: Case, subset: tuple[int, ...] | None = None):
   return _run(step, _initial_variables(case), data)
 
 
-def _assert_close(actual, expected, tolerance, what=""):
-  """``max |actual - expected| <= tolerance * max(1, max |expected|)``, leaf by leaf."""
-  assert jax.tree.structure(actual) == jax.tree.structure(expected), what
-  for (path, e), a in zip(
-    jax.tree.leaves_with_path(expected), jax.tree.leaves(actual), strict=True
-  ):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    name = what + jax.tree_util.keystr(path)
-    assert a.shape == e.shape, (name, a.shape, e.shape)
-    error = float(np.max(np.abs(a - e), initial=0.0))
-    scale = max(1.0, float(np.max(np.abs(e), initial=0.0)))
-    assert error <= tolerance * scale, (
-      f"{name}: max difference {error:.3g} (scale {scale:.3g}, tolerance {tolerance:g})"
-    )
-
-
 def _assert_identical_rows(per_device_stats):
   """Every device (row) holds bit-identical statistics."""
   for name, value in per_device_stats.items():
@@ -265,7 +250,7 @@ def test_shard_map_matches_one_device(case):
   for s in range(STEPS):
     _assert_identical_rows(sharded[s]["batch_stats"])
     got = {**sharded[s], "batch_stats": jax.tree.map(lambda a: a[0], sharded[s]["batch_stats"])}
-    _assert_close(got, expected[s], tolerance, what=f"step {s}: ")
+    assert_trees_close(got, expected[s], tolerance, what=f"step {s}: ")
   # The statistics travel in one all-gather of per-channel partials (forward and backward).
   gathers = [c for c in _collectives(hlo) if c.op == "all-gather"]
   assert len(gathers) == 1, _collectives(hlo)
@@ -290,15 +275,15 @@ def test_axis_index_groups_give_each_group_its_statistics():
         "y": sharded[s]["y"][list(samples)],
         "grad_x": sharded[s]["grad_x"][list(samples)],
       }
-      _assert_close(got, {k: expected[k] for k in got}, TOLERANCE["float32"], f"{group}: ")
+      assert_trees_close(got, {k: expected[k] for k in got}, TOLERANCE["float32"], f"{group}: ")
       for d in group:
         stats = jax.tree.map(lambda a, d=d: a[d], sharded[s]["batch_stats"])
-        _assert_close(stats, expected["batch_stats"], TOLERANCE["float32"], f"device {d}: ")
+        assert_trees_close(stats, expected["batch_stats"], TOLERANCE["float32"], f"device {d}: ")
         # Bit-identical within the group.
         for name, value in stats.items():
           np.testing.assert_array_equal(value, sharded[s]["batch_stats"][name][group[0]])
     # gamma and beta are shared: their gradient sums both groups' losses.
-    _assert_close(
+    assert_trees_close(
       sharded[s]["grad_params"],
       jax.tree.map(lambda a, b: a + b, *grad_params),
       TOLERANCE["float32"],
@@ -382,9 +367,9 @@ def test_ghost_batches_follow_the_per_device_rule(batch_size, virtual_batch_size
     variables = {"params": variables["params"], "batch_stats": new_stats}
     _assert_identical_rows(sharded[s]["batch_stats"])
     got = {k: sharded[s][k] for k in expected}
-    _assert_close(got, expected, REFERENCE_TOLERANCE, f"step {s}: ")
+    assert_trees_close(got, expected, REFERENCE_TOLERANCE, f"step {s}: ")
     stats = jax.tree.map(lambda a: a[0], sharded[s]["batch_stats"])
-    _assert_close(stats, new_stats, REFERENCE_TOLERANCE, f"step {s} statistics: ")
+    assert_trees_close(stats, new_stats, REFERENCE_TOLERANCE, f"step {s} statistics: ")
 
 
 @pytest.mark.parametrize(
@@ -448,7 +433,7 @@ def test_sharded_jit_matches_one_device(case):
   sharded = _run(step, _initial_variables(case), _data(case), put)
   expected = _single_device(case)
   for s in range(STEPS):
-    _assert_close(sharded[s], expected[s], TOLERANCE[case.dtype], f"step {s}: ")
+    assert_trees_close(sharded[s], expected[s], TOLERANCE[case.dtype], f"step {s}: ")
   # Only all-reduces of statistics: nothing gathers, permutes or reshuffles activations.
   args = _first_step_args(case, put)
   assert {c.op for c in _collectives(_compiled_text(step, args))} == {"all-reduce"}
@@ -677,7 +662,7 @@ def test_pmap_matches_one_device(case):
   for s in range(STEPS):
     _assert_identical_rows(history[s]["batch_stats"])
     got = {**history[s], "batch_stats": jax.tree.map(lambda a: a[0], history[s]["batch_stats"])}
-    _assert_close(got, expected[s], TOLERANCE["float32"], f"step {s}: ")
+    assert_trees_close(got, expected[s], TOLERANCE["float32"], f"step {s}: ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,7 +682,7 @@ def test_global_ghost_scope_under_shard_map_equals_one_device(case):
   for s in range(STEPS):
     _assert_identical_rows(sharded[s]["batch_stats"])
     got = {**sharded[s], "batch_stats": jax.tree.map(lambda a: a[0], sharded[s]["batch_stats"])}
-    _assert_close(got, expected[s], TOLERANCE["float32"], what=f"step {s}: ")
+    assert_trees_close(got, expected[s], TOLERANCE["float32"], what=f"step {s}: ")
   # One small collective of per-ghost-batch partials; no activation moves.
   features = math.prod(expected[0]["batch_stats"]["moving_mean"].shape)
   ghosts = case.shape[0] // case.config["virtual_batch_size"]
@@ -712,7 +697,7 @@ def test_global_ghost_scope_under_pmap_equals_one_device(case):
   for s in range(STEPS):
     _assert_identical_rows(history[s]["batch_stats"])
     got = {**history[s], "batch_stats": jax.tree.map(lambda a: a[0], history[s]["batch_stats"])}
-    _assert_close(got, expected[s], TOLERANCE["float32"], f"step {s}: ")
+    assert_trees_close(got, expected[s], TOLERANCE["float32"], f"step {s}: ")
 
 
 def test_device_ghost_scope_differs_from_one_device_on_ordered_data():
@@ -721,7 +706,7 @@ def test_device_ghost_scope_differs_from_one_device_on_ordered_data():
   sharded, _ = _run_shard_map(case)
   expected = _single_device(case)
   with pytest.raises(AssertionError, match="max difference"):
-    _assert_close(sharded[0]["y"], expected[0]["y"], 1e-3)
+    assert_trees_close(sharded[0]["y"], expected[0]["y"], 1e-3)
 
 
 def test_global_ghost_scope_needs_a_multiple_of_the_device_count():
@@ -746,7 +731,7 @@ def test_sharded_jit_ghost_batches_on_an_explicit_mesh(virtual_batch_size):
   history = _run(step, _initial_variables(case), _data(case), _sharded_jit_putter(auto, P(AXIS)))
   expected = _single_device(case)
   for s in range(STEPS):
-    _assert_close(history[s], expected[s], TOLERANCE["float32"], f"step {s}: ")
+    assert_trees_close(history[s], expected[s], TOLERANCE["float32"], f"step {s}: ")
 
 
 def test_symbolic_batch_export_of_ghost_batches_says_how():

@@ -135,3 +135,11 @@ def test_per_example_needs_the_vmap_axis_name():
     functional.batch_normalization(
       jnp.ones(3), params, stats, config, training=True, per_example=True
     )
+
+
+def test_ghost_batches_are_strided():
+  x = jnp.arange(8.0)[:, None]
+  ghost = functional.split_ghost_batches(x, 2)
+  assert ghost.shape == (2, 4, 1)
+  np.testing.assert_array_equal(ghost[:, 0, 0], [0.0, 4.0])  # sub-batch 0 = samples {0, 4}
+  np.testing.assert_array_equal(functional.merge_ghost_batches(ghost), x)

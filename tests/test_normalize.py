@@ -1,10 +1,12 @@
-"""The closed-form training kernels (`kbn_jax._moments`, `kbn_jax._normalize`).
+"""Normalization (`kbn_jax._normalize`): Keras's two forms, renorm's correction, and the
+closed-form training kernel composed with `kbn_jax._moments`.
 
 Forward values against a float64 NumPy reference and against `functional`; gradients against
 autodiff of the `functional` formula and `jax.test_util.check_grads` (first and second order,
 reverse mode); saved residuals; cross-device gradients under `shard_map`.
 """
 
+import functools
 import re
 
 import jax
@@ -19,6 +21,7 @@ from jax.test_util import check_grads
 from kbn_jax import _moments, _normalize, functional
 
 EPS = 1e-3
+TRANSFORMS = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
 
 # (input shape, reduction axes): NHWC, NCHW, dense, ghost-batch layout, two feature axes.
 LAYOUTS = [
@@ -329,3 +332,108 @@ def test_shard_map_gradients_equal_one_device(rng, groups):
     expected[2] += grads[2]
   for value, reference in zip(got, expected, strict=True):
     np.testing.assert_allclose(value, reference, rtol=1e-5, atol=1e-5)
+
+
+# Keras's arithmetic forms, renorm's correction and affine composition
+
+
+@TRANSFORMS
+@pytest.mark.parametrize("subtract_mean_first", [False, True])
+def test_normalize_matches_float64(transform, subtract_mean_first, rng):
+  x = rng.normal(size=(5, 4)).astype(np.float32)
+  mean, variance = rng.normal(size=(1, 4)), rng.random((1, 4)) + 0.5
+  scale, offset = rng.normal(size=(1, 4)), rng.normal(size=(1, 4))
+  f = functools.partial(functional.normalize, epsilon=1e-3, subtract_mean_first=subtract_mean_first)
+  y = transform(f)(
+    x,
+    jnp.float32(mean),
+    jnp.float32(variance),
+    scale=jnp.float32(scale),
+    offset=jnp.float32(offset),
+  )
+  expected = (x - np.float32(mean)) / np.sqrt(np.float32(variance) + 1e-3) * np.float32(scale)
+  np.testing.assert_allclose(y, expected + np.float32(offset), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_without_scale_and_offset(rng):
+  x = rng.normal(size=(5, 2)).astype(np.float32)
+  y = functional.normalize(x, jnp.zeros((1, 2)), jnp.ones((1, 2)), epsilon=0.0)
+  np.testing.assert_allclose(y, x, rtol=1e-6)
+
+
+def test_normalize_gradients():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3)), jnp.float32)
+
+  def bn(x, scale, offset):
+    mean, variance = functional.moments(x, (0,), keepdims=True)
+    return functional.normalize(x, mean, variance, scale=scale, offset=offset, epsilon=1e-3)
+
+  args = (x, jnp.full((1, 3), 1.5), jnp.full((1, 3), 0.2))
+  with jax.numpy_rank_promotion("allow"):  # check_grads's own arithmetic broadcasts
+    check_grads(bn, args, order=2, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+@TRANSFORMS
+def test_renorm_correction_matches_formula(transform, rng):
+  mean, variance = rng.normal(size=3), rng.random(3) + 0.1
+  renorm_mean, renorm_stddev = rng.normal(size=3), np.array([0.5, 1e-4, 2.0])
+  eps = 1e-3
+  f = functools.partial(functional.renorm_correction, epsilon=eps, rmin=0.8, rmax=1.2, dmax=0.3)
+  r, d = transform(f)(
+    jnp.float32(mean), jnp.float32(variance), jnp.float32(renorm_mean), jnp.float32(renorm_stddev)
+  )
+  floor = np.maximum(renorm_stddev, np.sqrt(eps))  # Keras floors the divisor only
+  np.testing.assert_allclose(r, np.clip(np.sqrt(variance + eps) / floor, 0.8, 1.2), rtol=1e-5)
+  np.testing.assert_allclose(d, np.clip((mean - renorm_mean) / floor, -0.3, 0.3), rtol=1e-5)
+
+
+def test_renorm_clipping_order_rmin_then_rmax():
+  r, _ = functional.renorm_correction(
+    jnp.zeros(1), jnp.full(1, 3.0), jnp.zeros(1), jnp.ones(1), epsilon=0.0, rmin=2.5, rmax=1.5
+  )
+  assert float(r[0]) == 1.5  # rmin > rmax is accepted: rmax wins, as in Keras
+
+
+def test_renorm_correction_has_no_gradient():
+  def f(mean):
+    r, d = functional.renorm_correction(mean, jnp.ones(2), jnp.zeros(2), jnp.ones(2), epsilon=1e-3)
+    return jnp.sum(r + d)
+
+  np.testing.assert_array_equal(jax.grad(f)(jnp.ones(2)), [0.0, 0.0])
+
+
+def test_renorm_normalization_gradient():
+  """The renorm path differentiates like BN with r, d held constant (spec §3.10)."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 2)), jnp.float32)
+  renorm_stats = (jnp.zeros((1, 2)), jnp.full((1, 2), 0.7))
+
+  def correction(x):
+    mean, variance = functional.moments(x, (0,), keepdims=True)
+    return functional.renorm_correction(
+      mean, variance, *renorm_stats, epsilon=1e-3, rmax=1.3, dmax=0.5
+    )
+
+  def renorm_bn(x, scale, r, d):
+    mean, variance = functional.moments(x, (0,), keepdims=True)
+    scale, offset = _normalize.compose_affine(r, d, scale, None)
+    return functional.normalize(x, mean, variance, scale=scale, offset=offset, epsilon=1e-3)
+
+  scale = jnp.ones((1, 2))
+  r, d = correction(x)
+  with jax.numpy_rank_promotion("allow"):  # check_grads's own arithmetic broadcasts
+    check_grads(
+      lambda x, s: renorm_bn(x, s, r, d), (x, scale), order=2, modes=["rev"], atol=2e-2, rtol=2e-2
+    )
+  cotangent = jnp.asarray(np.random.default_rng(3).normal(size=(8, 2)), jnp.float32)
+  inside = jax.grad(lambda x, s: jnp.sum(renorm_bn(x, s, *correction(x)) * cotangent), (0, 1))
+  constant = jax.grad(lambda x, s: jnp.sum(renorm_bn(x, s, r, d) * cotangent), (0, 1))
+  for a, b in zip(inside(x, scale), constant(x, scale), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_compose_affine():
+  s, o = _normalize.compose_affine(
+    jnp.float32(2.0), jnp.float32(1.0), jnp.float32(3.0), jnp.float32(0.5)
+  )
+  assert (float(s), float(o)) == (6.0, 3.5)  # first (2x + 1), then (3y + 0.5)
+  assert _normalize.compose_affine(None, None, None, None) == (None, None)

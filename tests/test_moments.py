@@ -1,0 +1,78 @@
+"""Batch moments (`kbn_jax._moments`) against float64 NumPy formulas, eager and under `jax.jit`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kbn_jax import _moments
+from kbn_jax import functional as F
+
+TRANSFORMS = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
+
+
+def _tolerance(dtype):
+  return {jnp.float32: 1e-6, jnp.float16: 1e-3, jnp.bfloat16: 1e-2}[dtype]
+
+
+@TRANSFORMS
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "shape, axes", [((8, 3), (0,)), ((4, 5, 6, 3), (0, 1, 2)), ((4, 3, 5), (0, 2))]
+)
+def test_moments_match_float64(transform, dtype, shape, axes, rng):
+  x = (rng.normal(size=shape) * 3 + 2).astype(np.float32)
+  x_in = jnp.asarray(x, dtype)
+  mean, variance = transform(functools.partial(F.moments, reduction_axes=axes))(x_in)
+  assert mean.dtype == variance.dtype == jnp.float32  # 16-bit inputs reduce in float32
+  x64 = np.asarray(x_in.astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(mean, x64.mean(axes), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(variance, x64.var(axes), rtol=1e-5, atol=1e-6)
+
+
+@TRANSFORMS
+def test_moments_large_mean_is_accurate(transform, rng):
+  # The regression of jax's nn_test large-mean variance: E[x^2] - E[x]^2 would be 0 or negative.
+  x = (1e4 + rng.normal(size=(1000, 4))).astype(np.float32)
+  _, variance = transform(functools.partial(F.moments, reduction_axes=(0,)))(x)
+  np.testing.assert_allclose(variance, x.astype(np.float64).var(0), rtol=1e-4)
+
+
+@TRANSFORMS
+def test_weighted_moments_match_float64(transform, rng):
+  x = rng.normal(size=(4, 6, 3)).astype(np.float32)
+  mask = (rng.random((4, 6)) > 0.4).astype(np.float32)
+  mean, variance = transform(functools.partial(F.moments, reduction_axes=(0, 1)))(x, mask=mask)
+  w = mask[..., None].astype(np.float64)
+  expected_mean = (w * x).sum((0, 1)) / (w.sum() + 0 * x.sum((0, 1)))
+  expected_var = (w * (x - expected_mean) ** 2).sum((0, 1)) / w.sum()
+  np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(variance, expected_var, rtol=1e-5, atol=1e-6)
+
+
+def test_fully_masked_moments_are_zero_not_nan():
+  mean, variance = F.moments(jnp.ones((3, 2)), (0,), mask=jnp.zeros((3,)))
+  np.testing.assert_array_equal(mean, [0.0, 0.0])
+  np.testing.assert_array_equal(variance, [0.0, 0.0])
+
+
+def test_partial_moments_merge_equals_whole(rng):
+  """Chan's merge of per-part (count, mean, M2) equals the moments of the concatenation."""
+  parts = [rng.normal(loc=1e3, size=(n, 3)).astype(np.float32) for n in (2, 5, 1)]
+  partials = [_moments.partial_moments(p, (0,)) for p in parts]
+  counts, means, m2s = (jnp.stack([p[i] for p in partials]) for i in range(3))
+  total, mean, m2 = _moments._merge(counts, means, m2s, axis=0)
+  whole = np.concatenate(parts).astype(np.float64)
+  np.testing.assert_allclose(total.ravel(), [8, 8, 8])
+  np.testing.assert_allclose(mean.ravel(), whole.mean(0), rtol=1e-6)
+  np.testing.assert_allclose((m2 / total).ravel(), whole.var(0), rtol=1e-4)
+
+
+def test_reduction_dtype():
+  assert _moments.reduction_dtype(jnp.bfloat16) == jnp.float32
+  assert _moments.reduction_dtype(jnp.float16) == jnp.float32
+  assert _moments.reduction_dtype(jnp.int32) == jnp.float32
