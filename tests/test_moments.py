@@ -76,3 +76,41 @@ def test_reduction_dtype():
   assert _moments.reduction_dtype(jnp.bfloat16) == jnp.float32
   assert _moments.reduction_dtype(jnp.float16) == jnp.float32
   assert _moments.reduction_dtype(jnp.int32) == jnp.float32
+
+
+DEPRECATED_FORWARDS = [
+  "AxisIndexGroups",
+  "AxisName",
+  "batch_moments",
+  "bessel_correction",
+  "compose_affine",
+  "device_group_moments",
+  "merge_partial_moments",
+  "normalize_batch",
+  "partial_moments",
+  "promote_dtypes",
+  "reduction_dtype",
+  "update_moving_average_keras3",
+  "update_moving_average_torch",
+]
+
+
+@pytest.mark.parametrize("name", DEPRECATED_FORWARDS)
+def test_names_removed_from_functional_warn_and_still_work(name):
+  with pytest.warns(DeprecationWarning, match=f"kbn_jax.functional.{name}` is deprecated"):
+    forwarded = getattr(F, name)
+  assert forwarded is not None and name not in F.__all__
+
+
+def test_deprecated_batch_moments_keeps_its_0_1_result():
+  x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (6, 4)), jnp.float32)
+  with pytest.warns(DeprecationWarning):
+    mean, variance = F.batch_moments(x, (0,))
+  assert mean.shape == variance.shape == (1, 4)
+  np.testing.assert_allclose(mean[0], np.asarray(x, np.float64).mean(0), rtol=1e-6)
+  np.testing.assert_allclose(variance[0], np.asarray(x, np.float64).var(0), rtol=1e-5)
+
+
+def test_unknown_functional_name_is_an_attribute_error():
+  with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+    F.nope  # noqa: B018
