@@ -137,7 +137,9 @@ def test_gradients_match_autodiff_of_functional(rng, shape, axes, fused):
     np.testing.assert_allclose(value, reference, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape, axes", LAYOUTS[:3])
+@pytest.mark.parametrize(
+  "shape, axes", [LAYOUTS[0], *(pytest.param(*c, marks=pytest.mark.slow) for c in LAYOUTS[1:3])]
+)
 def test_check_grads_first_and_second_order(rng, shape, axes):
   x, scale, shift, weights = _data(rng, shape, axes, dtype=np.float64)
   with jax.enable_x64(True):
@@ -162,7 +164,9 @@ def test_check_grads_first_and_second_order(rng, shape, axes):
       np.testing.assert_allclose(value, reference, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("shape, axes", LAYOUTS)
+@pytest.mark.parametrize(
+  "shape, axes", [*LAYOUTS[:2], *(pytest.param(*c, marks=pytest.mark.slow) for c in LAYOUTS[2:])]
+)
 def test_forward_mode_agrees_with_reverse_mode(rng, shape, axes):
   """Issue 10: jvp, jacfwd and linearize work and equal the reverse-mode derivative."""
   x, scale, shift, weights = _data(rng, shape, axes)
