@@ -76,6 +76,7 @@ def test_examples_are_discovered():
   assert "train_digits.py" in {p.name for p in EXAMPLES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_runs_quick(script, runs):
   run = runs[script.name]
