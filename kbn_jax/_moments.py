@@ -65,6 +65,18 @@ def reduction_dtype(dtype: jnp.dtype) -> jnp.dtype:
   return promote_dtypes(dtype, jnp.float32)
 
 
+def layer_dtypes(
+  input_dtype: jnp.dtype, param_dtype: jnp.dtype, dtype: jnp.dtype | None
+) -> tuple[jnp.dtype, jnp.dtype]:
+  """A layer's dtype policy: ``(compute dtype, output dtype)``.
+
+  Statistics and normalization are computed in at least float32 (`reduction_dtype`); the output
+  is `dtype` when given, else the promotion of the input and parameter dtypes.
+  """
+  out_dtype = jnp.dtype(dtype or promote_dtypes(input_dtype, param_dtype))
+  return reduction_dtype(input_dtype), out_dtype
+
+
 def _div_no_nan(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   """``numerator / denominator``, and 0 where the denominator is 0 (TF's `div_no_nan`)."""
   safe = jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)

@@ -124,15 +124,13 @@ def normalize_batch(
     and is_per_channel(scale, reduction.axes, x.ndim)
     and is_per_channel(offset, reduction.axes, x.ndim)
   ):
-    return closed_form_normalize(
+    return _closed_form(
       x,
-      moments.mean,
-      moments.variance,
-      scale,
-      offset,
-      reduction_axes=reduction.axes,
+      (moments.mean, moments.variance, scale, offset),
+      reduction.axes,
       epsilon=epsilon,
       subtract_mean_first=subtract_mean_first,
+      dtypes=(x.dtype, x.dtype),
       axis_name=reduction.axis_name,
       axis_index_groups=reduction.axis_index_groups,
     )
@@ -198,28 +196,54 @@ def closed_form_normalize(
   """
   x = jnp.asarray(x)
   axes = _moments.canonical_axes(reduction_axes, x.ndim)
-  stats_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
   compute_dtype = _moments.reduction_dtype(x.dtype)
   out_dtype = jnp.dtype(compute_dtype if dtype is None else dtype)
   groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+  return _closed_form(
+    x,
+    (mean, variance, scale, offset),
+    axes,
+    epsilon=epsilon,
+    subtract_mean_first=subtract_mean_first,
+    dtypes=(compute_dtype, out_dtype),
+    axis_name=axis_name,
+    axis_index_groups=groups,
+  )
+
+
+def _closed_form(
+  x: jax.Array,
+  operands: tuple[jax.typing.ArrayLike | None, ...],
+  axes: tuple[int, ...],
+  *,
+  epsilon: float,
+  subtract_mean_first: bool,
+  dtypes: tuple[jax.typing.DTypeLike, jax.typing.DTypeLike],
+  axis_name: AxisName | None,
+  axis_index_groups: tuple[tuple[int, ...], ...] | None,
+) -> jax.Array:
+  """`closed_form_normalize` on canonical axes and groups and resolved ``(compute, out)`` dtypes."""
+  compute_dtype, out_dtype = dtypes
+  stats_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
   # Adjacent reduced (or kept) axes are merged, a free row-major reshape, so XLA sees a 2-D or
   # 3-D reduction. Per-channel operands are broadcast to the statistics' shape outside the
   # custom_vjp, so autodiff sums their gradients back to the caller's shapes.
   shape, kernel_axes = _collapse(x.shape, axes)
   kernel_stats = tuple(1 if a in kernel_axes else n for a, n in enumerate(shape))
-  operands = [
+  per_channel = [
     _per_channel(value, name, stats_shape, kernel_stats, compute_dtype)
-    for name, value in (
-      ("mean", mean),
-      ("variance", variance),
-      ("scale", scale),
-      ("offset", offset),
-    )
+    for name, value in zip(("mean", "variance", "scale", "offset"), operands, strict=True)
   ]
   kernel = _kernel(
-    shape, kernel_axes, float(epsilon), bool(subtract_mean_first), out_dtype, axis_name, groups
+    shape,
+    kernel_axes,
+    float(epsilon),
+    bool(subtract_mean_first),
+    jnp.dtype(out_dtype),
+    axis_name,
+    axis_index_groups,
   )
-  return kernel(x, *operands)
+  return kernel(x, *per_channel)
 
 
 def is_per_channel(

@@ -35,6 +35,13 @@ def param_names(config: BatchNormConfig) -> tuple[str, ...]:
   return (("gamma",) if config.scale else ()) + (("beta",) if config.center else ())
 
 
+def layout(
+  config: BatchNormConfig, rank: int
+) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+  """``(feature_axes, param_names, stat_names)`` of a layer on a rank-`rank` input."""
+  return feature_axes(config, rank), param_names(config), stat_names(config)
+
+
 def feature_axes(config: BatchNormConfig, rank: int) -> tuple[int, ...]:
   """The non-negative feature axes of a rank-`rank` input, in increasing order.
 
