@@ -59,14 +59,34 @@ class _Run:
     return self.log_path.read_text(errors="replace")[-chars:]
 
 
+def _needed_runs(items) -> set[str]:
+  """The runs the selected tests of this module wait for (the default tier needs one)."""
+  needed = set()
+  for item in items:
+    if item.module.__name__ != __name__:
+      continue
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    if "script" in params:
+      script = params["script"]
+      needed.add(script.name if isinstance(script, Path) else script)
+    if "api" in params:
+      needed.add(f"train_digits.py --api {params['api']}")
+    if item.originalname == "test_raw_jax_example_imports_neither_flax_nor_optax":
+      needed.add("raw_jax_train.py")
+  return needed
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  started = {p.name: _Run(p, tmp_path_factory.mktemp(p.stem)) for p in EXAMPLES}
+def runs(request, tmp_path_factory):
+  """Starts, all at once, only the example runs that the selected tests wait for."""
+  needed = _needed_runs(request.session.items)
+  started = {p.name: _Run(p, tmp_path_factory.mktemp(p.stem)) for p in EXAMPLES if p.name in needed}
   digits = EXAMPLES_DIR / "train_digits.py"
   for api in ("nnx", "equinox", "haiku"):
-    started[f"train_digits.py --api {api}"] = _Run(
-      digits, tmp_path_factory.mktemp(f"train_digits_{api}"), ("--api", api)
-    )
+    if f"train_digits.py --api {api}" in needed:
+      started[f"train_digits.py --api {api}"] = _Run(
+        digits, tmp_path_factory.mktemp(f"train_digits_{api}"), ("--api", api)
+      )
   yield started
   for run in started.values():
     run.stop()
@@ -86,7 +106,7 @@ def test_example_runs_quick(script, runs):
 
 
 def test_raw_jax_example_imports_neither_flax_nor_optax(runs):
-  """Issue 10 item 2: the raw-JAX example trains through `kbn_jax.functional` alone."""
+  """The raw-JAX example trains through `kbn_jax.functional` alone."""
   run = runs["raw_jax_train.py"]
   code = run.wait()
   output = run.output_tail()
@@ -115,7 +135,7 @@ def test_digits_example_trains_in_every_library(runs, api):
   ],
 )
 def test_whole_model_ports_report_their_match(script, expected, runs):
-  """Issue 20 item 3: each port checks itself against the library's recorded logits."""
+  """Each port checks itself against the library's recorded logits."""
   run = runs[script]
   code = run.wait()
   output = run.output_tail()
