@@ -11,7 +11,7 @@ tf_keras file from TF2 is Keras's V2 layer (``semantics="keras_v2"``), a Keras 3
 ``"keras3"``. Both run a frozen layer (``trainable=False``) in inference mode even in a training
 call, unlike the V1 layer, so a port that ignored this would train differently.
 
-For the committed files (``tests/keras_files/fixtures``, written by tf_keras 2.21 and Keras
+For the committed files (``tests/oracles/keras_files/fixtures``, written by tf_keras 2.21 and Keras
 3.15.1), each layer is run on the input Keras recorded for it, and its training output, updated
 statistics and inference output are compared with Keras's.
 """
@@ -27,7 +27,7 @@ import numpy as np
 
 from kbn_jax import keras_compat
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "keras_files" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "oracles" / "keras_files" / "fixtures"
 COMMITTED = ("tfk_convnet.h5", "k3_convnet.keras")
 
 

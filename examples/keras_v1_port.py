@@ -5,8 +5,8 @@
 
 1. Keras: a tiny model ``Dense -> BatchNormalization (V1) -> ReLU -> Dense`` trained on three
    Gaussian blobs. Without TensorFlow the committed fixture
-   ``tests/keras_models/fixtures/port_mlp.{json,npz}`` (the same model, trained by
-   ``tests/keras_models/generate.py``) stands in.
+   ``tests/oracles/keras_models/fixtures/port_mlp.{json,npz}`` (the same model, trained by
+   ``tests/oracles/keras_models/generate.py``) stands in.
 2. Port: the layer config goes through ``BatchNormalization.from_keras_config``, its
    ``get_weights()`` through ``keras_compat.variables_from_keras``; Dense kernels copy over as they
    are (Keras and Flax both store ``(in, out)``).
@@ -34,7 +34,7 @@ import optax
 import kbn_jax
 from kbn_jax import keras_compat, training
 
-FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "keras_models" / "fixtures"
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "oracles" / "keras_models" / "fixtures"
 CENTERS = np.array([[2.0, 0, 0, 1], [0, 2.0, 0, -1], [0, 0, 2.0, 0]])
 
 

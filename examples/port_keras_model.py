@@ -18,7 +18,8 @@ checks that every batch norm of the file found its place; every other layer's we
   ``ZeroPadding2D(correct_pad(x, 3))`` + ``"valid"`` is an explicit padding;
 * ``ReLU(6.)`` is ``clip(x, 0, 6)``, ``Add`` is ``+``, ``GlobalAveragePooling2D`` a mean.
 
-For the committed files (``tests/model_ports``, written by tf_keras 2.21 and Keras 3.15.1 after
+For the committed files (``tests/oracles/model_ports``, written by tf_keras 2.21 and Keras 3.15.1
+after
 three SGD steps; see ``generate_keras.py`` there), the Flax model's logits in inference and
 training mode and every moving statistic after the training-mode call are compared with
 Keras's own.
@@ -37,7 +38,7 @@ import numpy as np
 import kbn_jax
 from kbn_jax import keras_compat
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "model_ports"
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "oracles" / "model_ports"
 COMMITTED = ("mobilenet_v2_tf_keras.h5", "mobilenet_v2_keras3.keras")
 # (expansion, filters, stride) of blocks 0..16, as keras.applications.mobilenet_v2 builds them.
 BLOCKS = [(1, 16, 1), (6, 24, 2), (6, 24, 1), (6, 32, 2), (6, 32, 1), (6, 32, 1)]

@@ -1,6 +1,6 @@
 """Port a whole PyTorch ResNet-18 state dict to a Flax NNX model, and check it against PyTorch.
 
-    python examples/port_torch_model.py           # the committed state dict (tests/model_ports)
+    python examples/port_torch_model.py           # the committed state dict
     python examples/port_torch_model.py --quick   # the same (it is quick)
 
 The user's side of a port is two pieces: the architecture in Flax NNX (`ResNet18`, mirroring
@@ -15,7 +15,7 @@ with the same size and settings. The other weights are transposed to Flax's layo
 * ``Linear`` weights ``(out, in)`` become ``(in, out)``;
 * PyTorch's NCHW input is transposed once to NHWC, so the batch norms use ``axis=-1``.
 
-The committed state dict (``tests/model_ports/resnet18_w8.npz``: torchvision's ResNet-18 at
+The committed state dict (``tests/oracles/model_ports/resnet18_w8.npz``: torchvision's ResNet-18 at
 base width 8, trained three SGD steps by torch 2.13; see ``generate_torch.py`` there) is loaded
 without torch, and the logits in eval and train mode and every buffer after the train-mode call
 are compared with PyTorch's.
@@ -34,7 +34,7 @@ from flax import nnx
 import kbn_jax.nnx
 from kbn_jax import torch_compat
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "model_ports"
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "oracles" / "model_ports"
 MOMENTUM, EPS = 0.1, 1e-5  # torchvision's BatchNorm2d defaults (PyTorch's convention)
 
 

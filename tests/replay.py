@@ -2,8 +2,8 @@
 
 ``make_apply(layer)`` turns a linen `kbn_jax.BatchNormalization` (built from a fixture the way
 the fixture suites build it) into that function; `keras_v1_errors` replays one of the 78 tf_keras
-V1 fixtures (`tests/keras_parity`) and `framework_errors` one of the V2 / Keras 3 / PyTorch
-fixtures (`tests/framework_parity`, through its own `replay`). Both compare every training
+V1 fixtures (`tests/oracles/keras_parity`) and `framework_errors` one of the V2 / Keras 3 / PyTorch
+fixtures (`tests/oracles/framework_parity`, through its own `replay`). Both compare every training
 step's output, input and parameter gradients and statistics, and the final inference output.
 """
 
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.framework_parity import test_framework_parity
-from tests.keras_parity import test_parity
+from tests.oracles.framework_parity import test_framework_parity
+from tests.oracles.keras_parity import test_parity
 
 Apply = Callable[[dict, jax.Array, bool, Any], tuple[jax.Array, dict]]
 

@@ -23,9 +23,9 @@ import kbn_jax
 import kbn_jax.equinox
 from kbn_jax._config import FIELD_NAMES
 from tests import replay, test_properties
-from tests.framework_parity import test_framework_parity
-from tests.keras_parity import test_parity
-from tests.keras_parity.cases import CASES
+from tests.oracles.framework_parity import test_framework_parity
+from tests.oracles.keras_parity import test_parity
+from tests.oracles.keras_parity.cases import CASES
 
 BatchNormalization = kbn_jax.equinox.BatchNormalization
 

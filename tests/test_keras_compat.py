@@ -1,6 +1,7 @@
 """Keras config and weight import/export (`kbn_jax.keras_compat`) against real tf_keras fixtures.
 
-Expected values come from `tests/keras_models/fixtures` (written by `generate.py` from tf_keras
+Expected values come from `tests/oracles/keras_models/fixtures` (written by `generate.py` from
+tf_keras
 2.21, see its README); nothing here needs TensorFlow.
 """
 
@@ -20,7 +21,7 @@ from flax.core import FrozenDict
 import kbn_jax
 from kbn_jax import _keras_config, _variables, keras_compat, training
 from kbn_jax._config import canonicalize_axis
-from tests import keras_models
+from tests.oracles import keras_models
 
 # These fixtures were written by Keras's V1 class, which V1 reading is right for; a frozen V1
 # config cannot say so, hence the warning (tested in tests/test_load_batch_norms.py).

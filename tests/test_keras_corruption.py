@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kbn_jax import _keras_files as kf
 
-FIXTURES = Path(__file__).resolve().parent / "keras_files" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "oracles" / "keras_files" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 FILES = sorted(MANIFEST["files"])
 REFERENCE = {}

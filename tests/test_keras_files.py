@@ -1,6 +1,7 @@
 """`kbn_jax._keras_files`: BatchNormalization layers from every Keras file format, safely.
 
-Expected values come from `tests/keras_files/fixtures`, written by real tf_keras 2.21 and Keras
+Expected values come from `tests/oracles/keras_files/fixtures`, written by real tf_keras 2.21 and
+Keras
 3.15 (see its README); nothing here needs TensorFlow or Keras. Corrupted and mismatched files
 are crafted in `tmp_path`.
 """
@@ -21,7 +22,7 @@ import pytest
 from kbn_jax import _keras_files as kf
 from kbn_jax import _keras_semantics
 
-FIXTURES = Path(__file__).resolve().parent / "keras_files" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "oracles" / "keras_files" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 MODEL_FILES = sorted(f for f, v in MANIFEST["files"].items() if v["format"] in ("h5", "keras"))
 WEIGHTS_ONLY = sorted(f for f, v in MANIFEST["files"].items() if "config_from" in v)

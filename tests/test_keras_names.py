@@ -2,7 +2,7 @@
 
 Expected values: Keras's formulas in float64 NumPy (tf_keras/initializers, regularizers.py,
 constraints.py) and the constraint outputs tf_keras itself produced
-(`tests/keras_models/fixtures/constraints.*`).
+(`tests/oracles/keras_models/fixtures/constraints.*`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kbn_jax import constraints, initializers, regularizers
-from tests import keras_models
+from tests.oracles import keras_models
 
 KEY = jax.random.key(0)
 

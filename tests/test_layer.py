@@ -29,8 +29,13 @@ import kbn_jax
 from kbn_jax import functional
 from tests import reference
 from tests._asserts import assert_trees_close
-from tests.keras_parity.cases import CASES
-from tests.keras_parity.test_parity import _tolerance, build_layer, initial_variables, load_case
+from tests.oracles.keras_parity.cases import CASES
+from tests.oracles.keras_parity.test_parity import (
+  _tolerance,
+  build_layer,
+  initial_variables,
+  load_case,
+)
 
 # --------------------------------------------------------------------------------------------
 # The Keras V1 fixtures, through the pure function

@@ -15,7 +15,7 @@ import pytest
 
 from kbn_jax import keras_compat
 
-FIXTURES = pathlib.Path(__file__).parent / "keras_files" / "fixtures"
+FIXTURES = pathlib.Path(__file__).parent / "oracles" / "keras_files" / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 MODEL_FILES = sorted(
   name for name, entry in MANIFEST["files"].items() if entry["format"] in ("h5", "keras")

@@ -1,6 +1,7 @@
 """Whole-model ports against the real libraries, replayed without TF or torch.
 
-The fixtures in ``tests/model_ports`` were written by tf_keras 2.21, Keras 3.15.1 and torch 2.13
+The fixtures in ``tests/oracles/model_ports`` were written by tf_keras 2.21, Keras 3.15.1 and torch
+2.13
 (``generate_keras.py``, ``generate_torch.py``): a keras.applications MobileNetV2 and a
 torchvision-named ResNet-18, each trained a few steps, with logits and statistics recorded. The
 ports are the examples' own code (``examples/port_keras_model.py``, ``port_torch_model.py``).
@@ -22,7 +23,7 @@ from flax import nnx
 from kbn_jax import keras_compat, torch_compat
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "model_ports"
+FIXTURES = ROOT / "tests" / "oracles" / "model_ports"
 KERAS_FILES = {"mobilenet_v2_tf_keras.h5": "keras_v2", "mobilenet_v2_keras3.keras": "keras3"}
 
 

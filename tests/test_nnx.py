@@ -21,8 +21,8 @@ import kbn_jax
 import kbn_jax.nnx
 import kbn_jax.nnx as kbn_nnx
 from tests._asserts import assert_trees_close
-from tests.keras_parity import test_parity
-from tests.keras_parity.cases import CASES
+from tests.oracles.keras_parity import test_parity
+from tests.oracles.keras_parity.cases import CASES
 
 
 def _nnx_layer(name):

@@ -22,7 +22,7 @@ from tests import reference
 
 BN = kbn_jax.BatchNormalization
 KEY = jax.random.key(0)
-FIXTURES = pathlib.Path(__file__).parent / "keras_parity" / "fixtures"
+FIXTURES = pathlib.Path(__file__).parent / "oracles" / "keras_parity" / "fixtures"
 FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
 
 

@@ -1,6 +1,7 @@
 """`kbn_jax.torch_compat`: conventions, round trips and errors.
 
-The numbers against real PyTorch are in tests/framework_parity (14 recorded BatchNorm cases).
+The numbers against real PyTorch are in tests/oracles/framework_parity (14 recorded BatchNorm
+cases).
 """
 
 import warnings

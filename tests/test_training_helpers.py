@@ -1,6 +1,7 @@
 """`kbn_jax.training`: penalties, constraints and frozen layers in Flax + optax; checkpoints.
 
-Constraint expectations come from tf_keras (`tests/keras_models/fixtures/constraints.*`) and from
+Constraint expectations come from tf_keras (`tests/oracles/keras_models/fixtures/constraints.*`)
+and from
 a float64 NumPy transcription of Keras's formulas; penalty gradients from their analytic form.
 """
 
@@ -19,7 +20,7 @@ import pytest
 
 import kbn_jax
 from kbn_jax import training
-from tests import keras_models
+from tests.oracles import keras_models
 
 
 def _standard_promotion(fn):

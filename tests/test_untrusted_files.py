@@ -27,7 +27,7 @@ import pytest
 from kbn_jax import _keras_files as kf
 from kbn_jax import keras_compat
 
-FIXTURES = Path(__file__).resolve().parent / "keras_files" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "oracles" / "keras_files" / "fixtures"
 PACKAGE = Path(kf.__file__).resolve().parent
 PEAK_GROWTH_MB = 300  # the most any hostile case may add to the worker's peak memory
 CASE_SECONDS = 3.0

@@ -1,11 +1,12 @@
-"""Write the saved-model fixtures of `tests/keras_files/fixtures` with real tf_keras and Keras 3.
+"""Write the saved-model fixtures of `tests/oracles/keras_files/fixtures` with real tf_keras and
+Keras 3.
 
 Run from the repository root with an oracle venv that has TensorFlow, tf_keras and Keras 3 (no JAX
 needed)::
 
     python3 -m venv /tmp/oracle_h2
     /tmp/oracle_h2/bin/pip install "tensorflow-cpu==2.21.*" "tf-keras==2.21.*" h5py numpy
-    /tmp/oracle_h2/bin/python tests/keras_files/generate.py
+    /tmp/oracle_h2/bin/python tests/oracles/keras_files/generate.py
 
 Each library runs in its own subprocess (``--part tf_keras`` / ``--part keras3``); the parent
 merges their manifests into ``fixtures/manifest.json``. See README.md for the files.

@@ -3,10 +3,10 @@
 Run from the repository root, in an environment with ``tensorflow-cpu`` and
 ``tf-keras`` (``pip install -e ".[oracle]"``)::
 
-    python tests/keras_parity/generate.py            # all cases
-    python tests/keras_parity/generate.py r2_ghost   # only the named cases
+    python tests/oracles/keras_parity/generate.py            # all cases
+    python tests/oracles/keras_parity/generate.py r2_ghost   # only the named cases
 
-Writes ``tests/keras_parity/fixtures/<name>.npz`` and ``<name>.json`` for every
+Writes ``tests/oracles/keras_parity/fixtures/<name>.npz`` and ``<name>.json`` for every
 case of ``cases.py`` and checks the golden cases against the values of
 section 10 of the Keras V1 specification.
 """

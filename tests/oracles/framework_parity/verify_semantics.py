@@ -1,6 +1,6 @@
 """Check the claims of SEMANTICS.md against the committed fixtures (numpy only).
 
-    python tests/framework_parity/verify_semantics.py
+    python tests/oracles/framework_parity/verify_semantics.py
 
 For every fixture it rebuilds outputs, gradients and the statistics after each step from the
 float64 reference written in SEMANTICS.md and compares them to the real library's numbers

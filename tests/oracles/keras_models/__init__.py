@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.keras_models import cases as cases
+from tests.oracles.keras_models import cases as cases
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -1,7 +1,7 @@
 """Shared, numpy-only helpers of the framework-parity fixture generators.
 
 Not imported by tests: tests only need ``cases.py`` and the committed fixtures.
-The input generator follows ``tests/keras_parity/generate.py::make_arrays``
+The input generator follows ``tests/oracles/keras_parity/generate.py::make_arrays``
 (same RandomState draw order for the arrays both share), extended with the
 ``random_init`` start values.
 """

@@ -5,8 +5,8 @@ SGD steps on random data and saved; then one batch is recorded: the logits in in
 training mode, and every batch norm's moving statistics after that training-mode call. Run from
 the repository root in the oracle environment (TensorFlow 2.21, tf_keras 2.21, Keras 3.15)::
 
-    python tests/model_ports/generate_keras.py tf_keras   # mobilenet_v2_tf_keras.h5 / .npz / .json
-    python tests/model_ports/generate_keras.py keras3     # mobilenet_v2_keras3.keras / .npz / .json
+    python tests/oracles/model_ports/generate_keras.py tf_keras  # mobilenet_v2_tf_keras.*
+    python tests/oracles/model_ports/generate_keras.py keras3    # mobilenet_v2_keras3.*
 """
 
 from __future__ import annotations

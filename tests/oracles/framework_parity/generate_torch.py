@@ -3,8 +3,8 @@
 The oracle is ``torch.nn.BatchNorm1d/2d/3d`` on CPU, float32 (torch 2.13.0+cpu for the
 committed fixtures). Run from the repository root in an environment with torch::
 
-    python tests/framework_parity/generate_torch.py              # all torch cases + edge cases
-    python tests/framework_parity/generate_torch.py bn2d bn1d_cma
+    python tests/oracles/framework_parity/generate_torch.py  # all torch cases + edge cases
+    python tests/oracles/framework_parity/generate_torch.py bn2d bn1d_cma
 
 Writes ``fixtures/torch_<name>.npz|json`` and ``fixtures/torch_edge_cases.json``.
 """

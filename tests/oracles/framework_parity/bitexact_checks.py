@@ -2,7 +2,7 @@
 
 Run in the oracle environment (tensorflow-cpu, tf-keras, torch), from the repository root::
 
-    python tests/framework_parity/bitexact_checks.py
+    python tests/oracles/framework_parity/bitexact_checks.py
 
 Each check draws random float32 statistics, lets the real code update a variable, and counts
 how many float32 results equal each candidate formula exactly. The counts are quoted in

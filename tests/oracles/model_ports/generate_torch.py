@@ -6,7 +6,7 @@ instead of 64, so that the state dict stays small. It is trained a few SGD steps
 then one batch is recorded: the logits in eval and in train mode, and every buffer after that
 train-mode call. Run from the repository root in the oracle environment (torch 2.13 CPU)::
 
-    python tests/model_ports/generate_torch.py   # resnet18_w8.npz (state dict) / _ref.npz / .json
+    python tests/oracles/model_ports/generate_torch.py   # resnet18_w8.npz, _ref.npz, .json
 
 The state dict is saved as ``.npz`` (PyTorch's key names) so that the tests read it without
 torch; ``torch.save(model.state_dict(), "m.pth")`` and ``torch.load`` give the same dict.

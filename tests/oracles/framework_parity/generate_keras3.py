@@ -5,8 +5,8 @@ fixtures) on the TensorFlow backend (``KERAS_BACKEND=tensorflow`` is forced here
 recorded in every fixture). Run from the repository root in an environment with
 ``tensorflow-cpu`` (which brings Keras 3)::
 
-    python tests/framework_parity/generate_keras3.py             # all keras3 cases
-    python tests/framework_parity/generate_keras3.py r2 r3_mask  # only the named cases
+    python tests/oracles/framework_parity/generate_keras3.py             # all keras3 cases
+    python tests/oracles/framework_parity/generate_keras3.py r2 r3_mask  # only the named cases
 
 Writes ``fixtures/keras3_<name>.npz|json``.
 """

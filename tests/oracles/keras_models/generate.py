@@ -1,8 +1,10 @@
-"""Generate the Keras interop fixtures of `tests/keras_models/fixtures` from real tf_keras models.
+"""Generate the Keras interop fixtures of `tests/oracles/keras_models/fixtures` from real tf_keras
+models.
 
 Run from the repository root with the oracle environment (tensorflow-cpu + tf-keras, no JAX)::
 
-    /work/oracle_venv/bin/python tests/keras_models/generate.py [--kbn-python .venv/bin/python]
+    /work/oracle_venv/bin/python tests/oracles/keras_models/generate.py \
+      [--kbn-python .venv/bin/python]
 
 `--kbn-python` is an interpreter with kbn_jax installed: it runs `export_configs.py`, whose
 ``to_keras_config()`` output is fed to ``tf_keras``'s V1 ``BatchNormalization.from_config`` here.
@@ -43,7 +45,7 @@ from tf_keras.src.layers.normalization.batch_normalization_v1 import (  # noqa: 
 )
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 FIXTURES = HERE / "fixtures"
 
 

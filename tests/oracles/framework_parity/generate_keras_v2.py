@@ -5,8 +5,8 @@ The oracle is ``tf_keras.src.layers.normalization.batch_normalization.BatchNorma
 ``tf_keras.layers.BatchNormalization`` is in a TF2 process. Run from the repository root in an
 environment with ``tensorflow-cpu`` and ``tf-keras`` (the fixtures use 2.21.0)::
 
-    python tests/framework_parity/generate_keras_v2.py            # all keras_v2 cases + errors json
-    python tests/framework_parity/generate_keras_v2.py r2 r4_nchw # only the named cases
+    python tests/oracles/framework_parity/generate_keras_v2.py  # all cases + errors json
+    python tests/oracles/framework_parity/generate_keras_v2.py r2 r4_nchw # only the named cases
 
 Writes ``fixtures/keras_v2_<name>.npz|json`` and ``fixtures/keras_v2_fused_errors.json``.
 """

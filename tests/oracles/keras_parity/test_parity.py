@@ -2,7 +2,8 @@
 
 For each case: the Keras initial weights are loaded, then every training step's output, input
 and weight gradients and weights after the step are compared, then the final inference output.
-No TensorFlow is needed. ``python -m tests.keras_parity.test_parity`` prints the largest error
+No TensorFlow is needed. ``python -m tests.oracles.keras_parity.test_parity`` prints the largest
+error
 seen per quantity.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import kbn_jax
-from tests.keras_parity.cases import CASES
+from tests.oracles.keras_parity.cases import CASES
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # Keras layer dtypes whose compute (and output) dtype is float16; parameters stay float32.

@@ -20,7 +20,7 @@ import pytest
 import kbn_jax
 import kbn_jax.nnx
 from kbn_jax import functional, keras_compat, torch_compat
-from tests.framework_parity.cases import CASES
+from tests.oracles.framework_parity.cases import CASES
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 _TORCH_NAMES = {
