@@ -35,9 +35,5 @@ if site not in where.parents:
   raise SystemExit(f"installed.sh: kbn_jax imported from {where}, not from the wheel in {site}")
 print(f"kbn_jax {kbn_jax.__version__} imported from {where.parent}")
 PY
-# test_layout.py reads the checkout's kbn_jax/ sources (its import floors), not an installation;
-# two documentation blocks find the test fixtures next to the package's directory, which only a
-# checkout has (kbn_jax.__file__'s parent.parent), so they run in the main run only.
-blocks="tests/test_docs.py::test_block_runs_on_its_own"
-KBN_EXPECT_INSTALLED=1 python -m pytest -p no:cacheprovider tests --ignore=tests/test_layout.py \
-  --deselect "$blocks[docs/keras.md:148]" --deselect "$blocks[docs/reliability.md:182]"
+# test_layout.py reads the checkout's kbn_jax/ sources (its import floors), not an installation.
+KBN_EXPECT_INSTALLED=1 python -m pytest -p no:cacheprovider tests --ignore=tests/test_layout.py
