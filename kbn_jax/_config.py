@@ -143,6 +143,39 @@ class BatchNormConfig:
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(BatchNormConfig))
 
 
+def from_front_end_arguments(
+  kwargs: Mapping[str, Any], *, layer: str, also: str, **fixed: Any
+) -> BatchNormConfig:
+  """The config of a front-end built with Keras's keyword arguments; unknown names raise.
+
+  Args:
+    kwargs: the keyword arguments the front-end received for the config.
+    layer: the front-end's name, for the message (e.g. ``"kbn_jax.nnx.BatchNormalization"``).
+    also: the front-end's own arguments, for the message.
+    **fixed: config fields the front-end takes as its own arguments (e.g. ``axis_name``).
+  """
+  unknown = sorted(set(kwargs) - set(FIELD_NAMES))
+  if unknown:
+    raise TypeError(
+      f"Unknown arguments {unknown} for {layer}; it takes {also} and the Keras arguments "
+      f"{list(FIELD_NAMES)}."
+    )
+  return BatchNormConfig(**kwargs, **fixed)
+
+
+def add_config_views(cls: type) -> None:
+  """Gives a front-end class read-only properties for every config field, as on linen's."""
+  for name in FIELD_NAMES:
+    setattr(cls, name, _config_view(name))
+
+
+def _config_view(name: str) -> property:
+  def view(self: Any) -> Any:
+    return getattr(self.config, name)
+
+  return property(view, doc=f"The layer's `{name}`.")
+
+
 def check_semantics(semantics: Any, ghost_batch_scope: Any, momentum: Any, renorm: Any) -> None:
   """Checks `semantics`, `ghost_batch_scope`, PyTorch's ``momentum=None`` and renorm."""
   if semantics not in SEMANTICS:

@@ -44,7 +44,7 @@ import equinox as eqx
 import jax
 
 from kbn_jax import _layer, _variables
-from kbn_jax._config import FIELD_NAMES, BatchNormConfig
+from kbn_jax._config import BatchNormConfig, add_config_views, from_front_end_arguments
 
 EQUINOX = _layer.Hints(
   training_hint=(
@@ -60,12 +60,7 @@ EQUINOX = _layer.Hints(
 )
 
 
-def _unknown_arguments(unknown: list[str]) -> str:
-  return (
-    f"Unknown arguments {unknown} for kbn_jax.equinox.BatchNormalization; it takes "
-    "num_features, axis_name, inference, per_example, key and the Keras arguments "
-    f"{list(FIELD_NAMES)}."
-  )
+_OWN_ARGUMENTS = "num_features, axis_name, inference, per_example, key"
 
 
 def _traced_inference(value: Any) -> str:
@@ -145,10 +140,9 @@ class BatchNormalization(eqx.nn.StatefulLayer):
         ghost_batch_scope: as for the linen `kbn_jax.BatchNormalization` (Keras's names and
         defaults). With `per_example`, `axis` counts the axes of one example.
     """
-    unknown = sorted(set(kwargs) - set(FIELD_NAMES))
-    if unknown:
-      raise TypeError(_unknown_arguments(unknown))
-    config = BatchNormConfig(axis_name=axis_name, **kwargs)
+    config = from_front_end_arguments(
+      kwargs, layer="kbn_jax.equinox.BatchNormalization", also=_OWN_ARGUMENTS, axis_name=axis_name
+    )
     _layer.check_optional_bool("inference", inference)
     _layer.check_optional_bool("per_example", per_example)
     per_example = axis_name is not None if per_example is None else per_example
@@ -219,9 +213,6 @@ class BatchNormalization(eqx.nn.StatefulLayer):
     return y, state.set(self.state_index, stats)
 
 
-def _config_property(name: str) -> property:
-  return property(lambda self: getattr(self.config, name), doc=f"The layer's `{name}`.")
+add_config_views(BatchNormalization)  # read-only views of the configuration, as on linen
 
-
-for _name in FIELD_NAMES:  # read-only views of the configuration, as on the linen Module
-  setattr(BatchNormalization, _name, _config_property(_name))
+__all__ = ("BatchNormalization",)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kbn_jax import _layer, _variables
-from kbn_jax._config import FIELD_NAMES, BatchNormConfig
+from kbn_jax._config import add_config_views, from_front_end_arguments
 
 HAIKU = _layer.Hints(
   training_hint=(
@@ -46,13 +46,6 @@ HAIKU = _layer.Hints(
   ),
   mapping_hint="`jax.shard_map` or `jax.pmap` (or `jax.vmap`)",
 )
-
-
-def _unknown_arguments(unknown: list[str]) -> str:
-  return (
-    f"Unknown arguments {unknown} for kbn_jax.haiku.BatchNormalization; it takes name and the "
-    f"Keras arguments {list(FIELD_NAMES)}."
-  )
 
 
 def _traced_is_training(value: Any) -> str:
@@ -77,11 +70,9 @@ class BatchNormalization(hk.Module):
   """
 
   def __init__(self, name: str | None = None, **kwargs: Any):
-    unknown = sorted(set(kwargs) - set(FIELD_NAMES))
-    if unknown:
-      raise TypeError(_unknown_arguments(unknown))
+    config = from_front_end_arguments(kwargs, layer="kbn_jax.haiku.BatchNormalization", also="name")
     super().__init__(name=name)
-    self.config = BatchNormConfig(**kwargs)
+    self.config = config
 
   def __call__(
     self,
@@ -151,9 +142,6 @@ class BatchNormalization(hk.Module):
       _layer.check_feature_shape(full_name, jnp.shape(value), shape, HAIKU.feature_hint)
 
 
-def _config_property(name: str) -> property:
-  return property(lambda self: getattr(self.config, name), doc=f"The layer's `{name}`.")
+add_config_views(BatchNormalization)  # read-only views of the configuration, as on linen
 
-
-for _name in FIELD_NAMES:  # read-only views of the configuration, as on the linen Module
-  setattr(BatchNormalization, _name, _config_property(_name))
+__all__ = ("BatchNormalization",)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kbn_jax import _keras_config, _layer, _variables
-from kbn_jax._config import FIELD_NAMES, BatchNormConfig
+from kbn_jax._config import FIELD_NAMES, add_config_views, from_front_end_arguments
 
 NNX = _layer.Hints(
   training_hint=(
@@ -80,13 +80,11 @@ class BatchNormalization(nnx.Module):
     rngs: nnx.Rngs,
     **kwargs: Any,
   ):
-    unknown = sorted(set(kwargs) - set(FIELD_NAMES))
-    if unknown:
-      raise TypeError(
-        f"Unknown arguments {unknown} for kbn_jax.nnx.BatchNormalization; it takes "
-        f"num_features, use_running_average, rngs and the Keras arguments {list(FIELD_NAMES)}."
-      )
-    config = BatchNormConfig(**kwargs)
+    config = from_front_end_arguments(
+      kwargs,
+      layer="kbn_jax.nnx.BatchNormalization",
+      also="num_features, use_running_average, rngs",
+    )
     _layer.check_optional_bool("use_running_average", use_running_average)
     shape = _variables.checked_num_features(num_features, config)
     self.config = config
@@ -233,9 +231,6 @@ class BatchNormalization(nnx.Module):
     return y
 
 
-def _config_property(name: str) -> property:
-  return property(lambda self: getattr(self.config, name), doc=f"The layer's `{name}`.")
+add_config_views(BatchNormalization)  # read-only views of the configuration, as on linen
 
-
-for _name in FIELD_NAMES:  # read-only views of the configuration, as on the linen Module
-  setattr(BatchNormalization, _name, _config_property(_name))
+__all__ = ("BatchNormalization",)

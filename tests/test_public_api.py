@@ -99,10 +99,10 @@ PUBLIC_NAMES = {
     "radial_constraint",
     "unit_norm",
   },
-  "kbn_jax.nnx": {"BatchNormalization", "FIELD_NAMES"},
+  "kbn_jax.nnx": {"BatchNormalization"},
   "kbn_jax.linen": {"BatchNormalization", "HASHABLE_ARGS"},
-  "kbn_jax.equinox": {"BatchNormalization", "FIELD_NAMES"},
-  "kbn_jax.haiku": {"BatchNormalization", "FIELD_NAMES"},
+  "kbn_jax.equinox": {"BatchNormalization"},
+  "kbn_jax.haiku": {"BatchNormalization"},
 }
 
 
