@@ -75,3 +75,27 @@ def framework_errors(stem: str, make_apply: Callable[[Any], Apply]) -> dict[str,
   runners = {**test_framework_parity.RUNNERS, "under_test": make_apply}
   with mock.patch.object(test_framework_parity, "RUNNERS", runners):
     return test_framework_parity.replay(stem, "under_test")
+
+
+# The cases where a front-end must equal the linen Module bit for bit, and the framework stems
+# it must replay (Keras 3's synchronized case is not reproduced on purpose).
+EXACT_CASES = ["r2_default", "r4_nhwc_fused", "r2_renorm_all_clips", "r2_ghost", "r3_mask"]
+FRAMEWORK_STEMS = [
+  s for s in test_framework_parity.STEMS if s not in test_framework_parity._NOT_REPRODUCED
+]
+
+
+def assert_equals_linen_exactly(name: str, make_apply: Callable[[Any], Apply]) -> None:
+  """One jitted training call of V1 fixture `name`: output and statistics equal linen's bits."""
+  meta, arrays = test_parity.load_case(name)
+  linen = test_parity.build_layer(meta, arrays)
+  variables = test_parity.initial_variables(linen, meta, arrays)
+  x = jnp.asarray(arrays["x_0"])
+  mask = jnp.asarray(arrays["mask"]) if "mask" in arrays else None
+  y_linen, updates = jax.jit(
+    lambda v, x: linen.apply(v, x, training=True, mask=mask, mutable=["batch_stats"])
+  )(variables, x)
+  y, stats = jax.jit(lambda v, x: make_apply(linen)(v, x, True, mask))(variables, x)
+  np.testing.assert_array_equal(y, y_linen)
+  for stat, value in updates["batch_stats"].items():
+    np.testing.assert_array_equal(stats[stat], value)

@@ -23,8 +23,6 @@ import kbn_jax
 import kbn_jax.equinox
 from kbn_jax._config import FIELD_NAMES
 from tests import replay, test_properties
-from tests.oracles.framework_parity import test_framework_parity
-from tests.oracles.keras_parity import test_parity
 from tests.oracles.keras_parity.cases import CASES
 
 BatchNormalization = kbn_jax.equinox.BatchNormalization
@@ -78,30 +76,14 @@ def test_equinox_matches_keras_v1(name):
   assert replay.keras_v1_errors(name, batched)
 
 
-@pytest.mark.parametrize(
-  "stem",
-  [s for s in test_framework_parity.STEMS if s not in test_framework_parity._NOT_REPRODUCED],
-)
+@pytest.mark.parametrize("stem", replay.FRAMEWORK_STEMS)
 def test_equinox_matches_keras_v2_keras3_torch(stem):
   assert replay.framework_errors(stem, batched)
 
 
-@pytest.mark.parametrize(
-  "name", ["r2_default", "r4_nhwc_fused", "r2_renorm_all_clips", "r2_ghost", "r3_mask"]
-)
+@pytest.mark.parametrize("name", replay.EXACT_CASES)
 def test_equinox_equals_linen_exactly(name):
-  meta, arrays = test_parity.load_case(name)
-  linen = test_parity.build_layer(meta, arrays)
-  variables = test_parity.initial_variables(linen, meta, arrays)
-  x = jnp.asarray(arrays["x_0"])
-  mask = jnp.asarray(arrays["mask"]) if "mask" in arrays else None
-  y_linen, updates = jax.jit(
-    lambda v, x: linen.apply(v, x, training=True, mask=mask, mutable=["batch_stats"])
-  )(variables, x)
-  y_eqx, stats = jax.jit(lambda v, x: batched(linen)(v, x, True, mask))(variables, x)
-  np.testing.assert_array_equal(y_eqx, y_linen)
-  for stat, value in updates["batch_stats"].items():
-    np.testing.assert_array_equal(stats[stat], value)
+  replay.assert_equals_linen_exactly(name, batched)
 
 
 # Per example under vmap == batched, Keras's rank rules included: V1's fused path on rank 4
