@@ -63,7 +63,8 @@ def _needed_runs(items) -> set[str]:
   """The runs the selected tests of this module wait for (the default tier needs one)."""
   needed = set()
   for item in items:
-    if item.module.__name__ != __name__:
+    module = getattr(item, "module", None)  # doctest items have none
+    if module is None or module.__name__ != __name__:
       continue
     params = item.callspec.params if hasattr(item, "callspec") else {}
     if "script" in params:
