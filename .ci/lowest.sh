@@ -33,7 +33,7 @@ EOF
 echo "Lowest declared versions:" && cat "$constraints"
 
 # The test tools float (pip picks the newest that the pinned versions allow).
-python -m pip install --quiet -c "$constraints" ".[keras,equinox,haiku]" pytest chex hypothesis flatbuffers
+python -m pip install --quiet -c "$constraints" ".[keras,equinox,haiku]" pytest pytest-xdist chex hypothesis flatbuffers
 python -m pip list --format=freeze | grep -iE "^($(cut -d= -f1 "$constraints" | paste -sd'|'))==" \
   | sort -f | diff -i <(sort -f "$constraints") - \
   || { echo "lowest.sh: installed versions differ from the pins above" >&2; exit 1; }

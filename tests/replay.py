@@ -16,6 +16,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.oracles.framework_parity import test_framework_parity
 from tests.oracles.keras_parity import test_parity
@@ -83,6 +84,34 @@ EXACT_CASES = ["r2_default", "r4_nhwc_fused", "r2_renorm_all_clips", "r2_ghost",
 FRAMEWORK_STEMS = [
   s for s in test_framework_parity.STEMS if s not in test_framework_parity._NOT_REPRODUCED
 ]
+
+
+# Every front-end shell replays these in the default tier (one case per regime, dtype and rank;
+# the linen Module and the pure function replay every fixture there); the rest of each shell's
+# replay is the slow tier's, which CI also runs.
+REPRESENTATIVE_V1 = (
+  "r2_default",
+  "r2_batch1",
+  "r2_dtype_float16",
+  "r2_renorm_all_clips",
+  "r2_ghost",
+  "r3_mask",
+  "r3_multi12",
+  "r4_nhwc_fused",
+  "r4_nchw_nonfused",
+  "r4_fused_float16_input",
+  "r5_ncdhw_fused",
+  "golden_g3",
+)
+REPRESENTATIVE_FRAMEWORK = test_framework_parity.DEFAULT_TIER_STEMS
+
+
+def tiered(names: list[str], representative: tuple[str, ...]) -> list[Any]:
+  """`names` as pytest parameters: the `representative` ones in the default tier, the rest slow."""
+  unknown = set(representative) - set(names)
+  if unknown:
+    raise ValueError(f"representative cases {sorted(unknown)} are not among {names}")
+  return [n if n in representative else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def assert_equals_linen_exactly(name: str, make_apply: Callable[[Any], Apply]) -> None:

@@ -71,12 +71,16 @@ def per_example(layer):
   return apply
 
 
-@pytest.mark.parametrize("name", [case["name"] for case in CASES])
+@pytest.mark.parametrize(
+  "name", replay.tiered([case["name"] for case in CASES], replay.REPRESENTATIVE_V1)
+)
 def test_equinox_matches_keras_v1(name):
   assert replay.keras_v1_errors(name, batched)
 
 
-@pytest.mark.parametrize("stem", replay.FRAMEWORK_STEMS)
+@pytest.mark.parametrize(
+  "stem", replay.tiered(replay.FRAMEWORK_STEMS, replay.REPRESENTATIVE_FRAMEWORK)
+)
 def test_equinox_matches_keras_v2_keras3_torch(stem):
   assert replay.framework_errors(stem, batched)
 
@@ -100,7 +104,10 @@ _PER_EXAMPLE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(_PER_EXAMPLE_CASES))
+@pytest.mark.parametrize(
+  "case",
+  replay.tiered(sorted(_PER_EXAMPLE_CASES), ("v1_nchw_fused", "v1_rank3_masked", "torch_nchw")),
+)
 def test_per_example_equals_batched(case):
   shape, config = _PER_EXAMPLE_CASES[case]
   key_x, key_dy, key_mask = jax.random.split(jax.random.key(7), 3)

@@ -41,12 +41,16 @@ def apply_haiku(layer):
   return apply
 
 
-@pytest.mark.parametrize("name", [case["name"] for case in CASES])
+@pytest.mark.parametrize(
+  "name", replay.tiered([case["name"] for case in CASES], replay.REPRESENTATIVE_V1)
+)
 def test_haiku_matches_keras_v1(name):
   assert replay.keras_v1_errors(name, apply_haiku)
 
 
-@pytest.mark.parametrize("stem", replay.FRAMEWORK_STEMS)
+@pytest.mark.parametrize(
+  "stem", replay.tiered(replay.FRAMEWORK_STEMS, replay.REPRESENTATIVE_FRAMEWORK)
+)
 def test_haiku_matches_keras_v2_keras3_torch(stem):
   assert replay.framework_errors(stem, apply_haiku)
 

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import kbn_jax
 from kbn_jax import functional
-from tests import reference
+from tests import reference, replay
 from tests._asserts import assert_trees_close
 from tests.oracles.keras_parity.cases import CASES
 from tests.oracles.keras_parity.test_parity import (
@@ -87,7 +87,9 @@ def _check(name, quantity, actual, expected, tolerance):
   assert error <= tolerance, f"{name}: {quantity} off by {error:.3g} (tolerance {tolerance})"
 
 
-@pytest.mark.parametrize("name", [case["name"] for case in CASES])
+@pytest.mark.parametrize(
+  "name", replay.tiered([case["name"] for case in CASES], replay.REPRESENTATIVE_V1)
+)
 def test_pure_function_matches_keras_v1_fixture(name):
   meta, arrays = load_case(name)
   layer = build_layer(meta, arrays)
@@ -346,11 +348,16 @@ def _vdot(a, b):
   return sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-FRONT_ENDS = ("functional", "linen")
+# The derivative checks run on the pure function; through the linen shell they are slow-tier.
+FRONT_ENDS = ("functional", pytest.param("linen", marks=pytest.mark.slow))
+# ... and on four paths that cover the closed form, ghost batches and autodiff; the rest are slow.
+DERIVATIVE_PATHS = replay.tiered(
+  list(FORWARD_PATHS), ("plain", "fused_nchw", "ghost", "masked_renorm")
+)
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
-@pytest.mark.parametrize("path", list(FORWARD_PATHS))
+@pytest.mark.parametrize("path", DERIVATIVE_PATHS)
 def test_jvp_agrees_with_vjp(path, front_end):
   """Issue 10 item 4: ``<J t, w> == <t, J^T w>`` for tangents on the input and parameters."""
   f, x, params, rng = _forward_problem(path, front_end)
@@ -368,7 +375,7 @@ def test_jvp_agrees_with_vjp(path, front_end):
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
-@pytest.mark.parametrize("path", list(FORWARD_PATHS))
+@pytest.mark.parametrize("path", DERIVATIVE_PATHS)
 def test_jacfwd_equals_jacrev(path, front_end):
   f, x, params, _ = _forward_problem(path, front_end)
   output = lambda x, params: f(x, params)[0]  # noqa: E731
@@ -378,7 +385,7 @@ def test_jacfwd_equals_jacrev(path, front_end):
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
-@pytest.mark.parametrize("path", list(FORWARD_PATHS))
+@pytest.mark.parametrize("path", DERIVATIVE_PATHS)
 def test_linearize_equals_jvp(path, front_end):
   f, x, params, rng = _forward_problem(path, front_end)
   output = lambda x, params: f(x, params)[0]  # noqa: E731
@@ -511,7 +518,10 @@ def _shard_problem(config, shape, masked, seed=4):
   return bn_config, params, stats, x, dy, mask
 
 
-@pytest.mark.parametrize("case", list(SHARD_CASES))
+@pytest.mark.parametrize(
+  "case",
+  replay.tiered(list(SHARD_CASES), ("plain", "fused_nchw", "renorm", "masked", "global_ghost_16")),
+)
 def test_shard_map_equals_one_device(case):
   config, shape, masked = SHARD_CASES[case]
   bn_config, params, stats, x, dy, mask = _shard_problem(config, shape, masked)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import kbn_jax
 import kbn_jax.nnx
 import kbn_jax.nnx as kbn_nnx
+from tests import replay
 from tests._asserts import assert_trees_close
 from tests.oracles.keras_parity import test_parity
 from tests.oracles.keras_parity.cases import CASES
@@ -59,7 +60,9 @@ def _replay(name):
   return meta, arrays, results, y_infer
 
 
-@pytest.mark.parametrize("name", [case["name"] for case in CASES])
+@pytest.mark.parametrize(
+  "name", replay.tiered([case["name"] for case in CASES], replay.REPRESENTATIVE_V1)
+)
 def test_nnx_matches_keras_v1(name):
   meta, arrays, results, y_infer = _replay(name)
   tolerance = test_parity._tolerance(meta["compute_dtype"], meta["case"])

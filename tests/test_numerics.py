@@ -692,8 +692,13 @@ def test_traced_training_flag_is_a_clear_type_error():
 
 @pytest.mark.parametrize(
   "config",
-  [{}, {"renorm": True, "renorm_clipping": {"rmax": 2.0}}, {"virtual_batch_size": 4}],
-  ids=["plain", "renorm", "ghost"],
+  [
+    pytest.param({}, id="plain"),
+    pytest.param(
+      {"renorm": True, "renorm_clipping": {"rmax": 2.0}}, id="renorm", marks=pytest.mark.slow
+    ),
+    pytest.param({"virtual_batch_size": 4}, id="ghost", marks=pytest.mark.slow),
+  ],
 )
 def test_two_runs_are_bit_identical(config, rng):
   """Same inputs, fresh compilation each time: bit-identical outputs, gradients, statistics."""

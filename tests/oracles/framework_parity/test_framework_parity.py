@@ -186,8 +186,29 @@ def replay(stem, runner_name):
   return errors
 
 
-@pytest.mark.parametrize("runner", sorted(RUNNERS))
-@pytest.mark.parametrize("stem", [s for s in STEMS if s not in _NOT_REPRODUCED])
+# The shells (linen, NNX) replay these in the default tier and every stem in the slow tier (the
+# pure function replays every stem in both); the Equinox and Haiku shells use them too.
+DEFAULT_TIER_STEMS = (
+  "keras_v2_r4_nhwc",
+  "keras_v2_r2_renorm",
+  "keras_v2_r3_mask",
+  "keras3_r4_axis1",
+  "keras3_r4_mixed_float16",
+  "torch_bn2d",
+  "torch_bn1d_cma",
+)
+
+
+def _tiered_cases():
+  for stem in STEMS:
+    if stem in _NOT_REPRODUCED:
+      continue
+    for runner in sorted(RUNNERS):
+      slow = runner != "functional" and stem not in DEFAULT_TIER_STEMS
+      yield pytest.param(stem, runner, marks=pytest.mark.slow) if slow else (stem, runner)
+
+
+@pytest.mark.parametrize("stem, runner", list(_tiered_cases()))
 def test_matches_the_library(stem, runner):
   errors = replay(stem, runner)
   assert errors  # every case compares something
