@@ -231,6 +231,7 @@ def read_batch_norm_layers(
     for layer in model.layers:
       if layer.class_name in BATCH_NORM_CLASS_NAMES:
         model.current = layer.key
+        _check_serialized_objects(layer.config)
         weights, where = _batch_norm_weights(model, layer)
         detection = _keras_semantics.detect(layer.class_name, layer.config, facts)
         records[layer.key] = KerasBatchNormRecord(
@@ -246,6 +247,30 @@ def read_batch_norm_layers(
           weights_path=where,
         )
     return records
+
+
+# The keys Keras writes in a serialized initializer, regularizer or constraint (Keras 2.13+ and
+# Keras 3 add module/registered_name; shared objects carry an id).
+_SERIALIZED_OBJECT_KEYS = frozenset(
+  {"class_name", "config", "module", "registered_name", "shared_object_id"}
+)
+_OBJECT_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
+
+
+def _check_serialized_objects(config: Mapping[str, Any]) -> None:
+  """Refuses a serialized initializer/regularizer/constraint with a key Keras never writes.
+
+  A damaged byte can turn ``"config"`` into another valid key; read as is, the object would
+  silently lose its arguments.
+  """
+  for argument, value in config.items():
+    if isinstance(value, Mapping) and str(argument).endswith(_OBJECT_SUFFIXES):
+      unknown = sorted(map(str, set(value) - _SERIALIZED_OBJECT_KEYS))
+      if unknown:
+        raise ValueError(
+          f"`{argument}` has keys {unknown} that Keras never writes (it writes "
+          f"{sorted(_SERIALIZED_OBJECT_KEYS)}); the config is damaged or was not written by Keras."
+        )
 
 
 def read_layer_weights(

@@ -43,6 +43,7 @@ damage = st.lists(
 @pytest.mark.slow
 @settings(
   max_examples=60,
+  derandomize=True,
   deadline=None,
   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -81,3 +82,17 @@ def test_undamaged_copies_read_keras_numbers(tmp_path, name):
     for key, record in _read(path, spec).items():
       for i, got in enumerate(record.weights):
         np.testing.assert_array_equal(got, arrays[f"{key}/w_before/{i}"])
+
+
+def test_a_damaged_key_in_a_serialized_initializer_is_refused(tmp_path):
+  """One byte turns `"config"` into `"c nfig"` (valid JSON): refused, not read without arguments."""
+  data = bytearray((FIXTURES / "k3_convnet.h5").read_bytes())
+  where = int(0.1953125 * len(data))
+  assert data[where : where + 1] == b"o", "the fixture changed; find the byte again"
+  data[where] = ord(" ")
+  path = tmp_path / "k3_convnet.h5"
+  path.write_bytes(bytes(data))
+  with pytest.raises(
+    ValueError, match=r"k3_convnet\.h5: layer .*`\w+_initializer` has keys \['c nfig'\]"
+  ):
+    _read(path, MANIFEST["files"]["k3_convnet.h5"])
