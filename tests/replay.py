@@ -86,9 +86,9 @@ FRAMEWORK_STEMS = [
 ]
 
 
-# Every front-end shell replays these in the default tier (one case per regime, dtype and rank;
-# the linen Module and the pure function replay every fixture there); the rest of each shell's
-# replay is the slow tier's, which CI also runs.
+# The NNX, Equinox and Haiku shells replay these V1 fixtures in the default tier (one case per
+# regime, dtype and rank; the pure function and linen replay all 78 there), the rest in the slow
+# tier, which CI also runs.
 REPRESENTATIVE_V1 = (
   "r2_default",
   "r2_batch1",
