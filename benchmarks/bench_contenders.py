@@ -548,32 +548,65 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\
 _ARRAY = re.compile(r"\w+\[([\d,]*)\]")
 
 
-def activation_traffic(hlo_text: str, size: int) -> tuple[int, int]:
+def activation_traffic(hlo_text: str, size: int, *, path: str = "fast") -> tuple[int, int]:
   """Counts the activation-sized reads and writes of the entry computation of `hlo_text`.
 
   Every top-level instruction but parameters, constants, bitcasts and tuples is one kernel (a
   fusion, a copy, a custom call): each distinct operand with at least `size` elements is one
-  read, each such array it produces one write.
+  read, each such array it produces one write. A ``conditional`` is counted by the kernels of
+  one of its branches: the cheapest with ``path="fast"`` (kbn_jax's one-pass moments when they
+  hold), the dearest with ``path="fallback"``.
 
   Args:
     hlo_text: optimized HLO, as from ``jax.jit(f).lower(...).compile().as_text()``.
     size: number of elements of one activation.
+    path: ``"fast"`` or ``"fallback"``, the branch counted at each conditional.
 
   Returns:
     ``(reads, writes)``.
   """
-  entry = hlo_text[hlo_text.index("\nENTRY") :]
+  computations, name = {}, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      name = "ENTRY" if header.group(1) else header.group(2)
+      computations[name] = []
+    elif name is not None and line.strip() != "}":
+      computations[name].append(line)
+  pick = min if path == "fast" else max
+  return _computation_traffic(computations, "ENTRY", size, pick)
+
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
+_BRANCHES = re.compile(
+  r"(?:branch_computations=\{([^}]*)\}|true_computation=%([\w.\-]+), "
+  r"false_computation=%([\w.\-]+))"
+)
+
+
+def _computation_traffic(computations, name, size, pick):
+  """`activation_traffic` of one computation; conditionals add the `pick` of their branches."""
   elements, reads, writes = {}, 0, 0
-  for line in entry.splitlines()[1:]:
+  for line in computations[name]:
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    name, out_type, op, rest = match.groups()
+    instruction, out_type, op, rest = match.groups()
     counts = [
       int(np.prod([int(d) for d in dims.split(",") if d])) for dims in _ARRAY.findall(out_type)
     ]
-    elements[name] = max(counts, default=0)
+    elements[instruction] = max(counts, default=0)
     if op in _FREE_OPS:
+      continue
+    if op == "conditional":
+      branches = _BRANCHES.search(rest)
+      listed = branches.group(1) or ",".join(branches.group(2, 3))
+      traffic = [
+        _computation_traffic(computations, branch.strip().lstrip("%"), size, pick)
+        for branch in listed.split(",")
+      ]
+      branch_reads, branch_writes = pick(traffic, key=sum)
+      reads, writes = reads + branch_reads, writes + branch_writes
       continue
     operands = dict.fromkeys(re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0]))
     reads += sum(elements.get(o, 0) >= size for o in operands)

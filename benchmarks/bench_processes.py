@@ -9,7 +9,9 @@ each allocator setting:
 * ``tuned``: ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` (what
   `kbn_jax.cpu.tune_malloc_env` returns);
 * ``mallopt`` (JAX contenders only, on request): `kbn_jax.cpu.tune_malloc()` called first
-  thing in the process instead of the environment variables.
+  thing in the process instead of the environment variables;
+* ``preload`` (on request, ``--preload /path/to/libjemalloc.so``): another allocator loaded
+  with ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc), glibc's thresholds untouched.
 
 Besides kbn_jax's training step and TF's, the JAX process also times ``jax.jit(lambda x: x * 2 +
 1)`` on the same inputs (``x*2+1``): the allocator's cost in isolation (the 32x56x56x128 input
@@ -45,6 +47,7 @@ REPO = HERE.parent
 TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 ALLOCATORS = ("default", "tuned")
 MALLOPT = "mallopt"
+PRELOAD = "preload"
 # The configurations where tf_keras's V1 layer uses its fused kernel (rank 4, axis 1 or 3).
 FUSED_CONFIGS = {
   "nhwc_64x32x32x64": ((64, 32, 32, 64), -1),
@@ -67,13 +70,16 @@ def tf_python(explicit: str | None = None) -> str | None:
   return None
 
 
-def _environment(contender: str, allocator: str) -> dict[str, str]:
+def _environment(contender: str, allocator: str, preload: str | None = None) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k not in TUNED_ENV}
   env.pop("KBN_TUNE_MALLOC", None)
+  env.pop("LD_PRELOAD", None)
   if allocator == "tuned":
     env.update(TUNED_ENV)
   elif allocator == MALLOPT:
     env["KBN_TUNE_MALLOC"] = "1"
+  elif allocator == PRELOAD:
+    env["LD_PRELOAD"] = str(preload)
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   if contender == TF:
     env["TF_ENABLE_ONEDNN_OPTS"] = "1"
@@ -82,11 +88,13 @@ def _environment(contender: str, allocator: str) -> dict[str, str]:
   return env
 
 
-def _worker(python: str, contender: str, allocator: str, configs, repeats, target_s) -> dict:
+def _worker(
+  python: str, contender: str, allocator: str, configs, repeats, target_s, preload=None
+) -> dict:
   specs = [f"{name}={','.join(map(str, shape))}:{axis}" for name, (shape, axis) in configs.items()]
   done = subprocess.run(
     [python, str(WORKER), contender, str(repeats), str(target_s), *specs],
-    env=_environment(contender, allocator),
+    env=_environment(contender, allocator, preload),
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -105,6 +113,7 @@ def run(
   repeats: int = 7,
   target_s: float = 0.05,
   allocators=ALLOCATORS,
+  preload: str | None = None,
   log=print,
 ) -> dict[tuple[str, str], dict[str, float]]:
   """Runs every (contender, allocator) process `rounds` times, round-robin.
@@ -118,11 +127,15 @@ def run(
   if tf_interpreter:
     pythons[TF] = tf_interpreter
   jobs = [(c, a) for c in pythons for a in allocators if not (c == TF and a == MALLOPT)]
+  if PRELOAD in allocators and not preload:
+    raise ValueError("the `preload` allocator needs `preload`, the path of an allocator library")
   samples = {job: [] for job in jobs}
   for round_index in range(rounds):
     shift = round_index % len(jobs)
     for contender, allocator in jobs[shift:] + jobs[:shift]:
-      result = _worker(pythons[contender], contender, allocator, configs, repeats, target_s)
+      result = _worker(
+        pythons[contender], contender, allocator, configs, repeats, target_s, preload
+      )
       samples[contender, allocator].append(result)
       log(
         f"  round {round_index + 1}/{rounds} {contender:9s} {allocator:8s} "
@@ -134,8 +147,8 @@ def run(
   }
 
 
-def markdown(medians, configs=None, rounds=3) -> list[str]:
-  """A Markdown section: per configuration, the four medians and the ratios TF / kbn_jax."""
+def markdown(medians, configs=None, rounds=3, preload=None) -> list[str]:
+  """A Markdown section: per configuration and allocator, the medians and TF / kbn_jax."""
   configs = FUSED_CONFIGS if configs is None else configs
   has_tf = any(c == TF for c, _ in medians)
   lines = [
@@ -154,23 +167,24 @@ def markdown(medians, configs=None, rounds=3) -> list[str]:
   ]
   if not has_tf:
     lines += ["TensorFlow with tf_keras was not available; only kbn_jax was timed.", ""]
-  header = ["configuration", "x*2+1 default", "x*2+1 tuned", "kbn_jax default", "kbn_jax tuned"]
+  allocators = [a for a in (*ALLOCATORS, PRELOAD) if (KBN, a) in medians]
+  if PRELOAD in allocators:
+    lines += [f"`preload`: `LD_PRELOAD={preload}`.", ""]
+  header = ["configuration"]
+  header += [f"{c} {a}" for c in (AFFINE, KBN) for a in allocators]
   if has_tf:
-    header += ["TF default", "TF tuned", "TF/kbn default", "TF/kbn tuned", "best TF / kbn tuned"]
+    header += [f"TF {a}" for a in allocators]
+    header += [f"TF/kbn {a}" for a in allocators] + ["best TF / best kbn"]
   lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for name in configs:
-    kd, kt = medians[KBN, "default"][name], medians[KBN, "tuned"][name]
-    ad, at = medians[AFFINE, "default"][name], medians[AFFINE, "tuned"][name]
-    row = [name, *(f"{v * 1e3:.2f} ms" for v in (ad, at, kd, kt))]
+    row = [name]
+    row += [f"{medians[c, a][name] * 1e3:.2f} ms" for c in (AFFINE, KBN) for a in allocators]
     if has_tf:
-      td, tt = medians[TF, "default"][name], medians[TF, "tuned"][name]
-      row += [
-        f"{td * 1e3:.2f} ms",
-        f"{tt * 1e3:.2f} ms",
-        f"{td / kd:.2f}",
-        f"{tt / kt:.2f}",
-        f"{min(td, tt) / kt:.2f}",
-      ]
+      row += [f"{medians[TF, a][name] * 1e3:.2f} ms" for a in allocators]
+      row += [f"{medians[TF, a][name] / medians[KBN, a][name]:.2f}" for a in allocators]
+      best_tf = min(medians[TF, a][name] for a in allocators)
+      best_kbn = min(medians[KBN, a][name] for a in allocators)
+      row.append(f"{best_tf / best_kbn:.2f}")
     lines.append("| " + " | ".join(row) + " |")
   return [*lines, ""]
 
@@ -185,6 +199,7 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--mallopt", action="store_true", help="also time the JAX processes with tune_malloc()"
   )
+  parser.add_argument("--preload", help="an allocator library to time under LD_PRELOAD too")
   args = parser.parse_args(argv)
   configs = FUSED_CONFIGS
   if args.shapes:
@@ -195,9 +210,10 @@ def main(argv=None) -> int:
     rounds=args.rounds,
     repeats=args.repeats,
     target_s=args.target_s,
-    allocators=(*ALLOCATORS, MALLOPT) if args.mallopt else ALLOCATORS,
+    allocators=(*ALLOCATORS, *[MALLOPT] * args.mallopt, *[PRELOAD] * bool(args.preload)),
+    preload=args.preload,
   )
-  print("\n".join(markdown(medians, configs, args.rounds)))
+  print("\n".join(markdown(medians, configs, args.rounds, args.preload)))
   if args.mallopt:
     for contender in (AFFINE, KBN):
       print(

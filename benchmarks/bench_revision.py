@@ -129,7 +129,7 @@ def main(argv=None) -> int:
       compiled = jax.jit(step)
       hlo = jax.jit(step).lower(*step_args).compile().as_text()
       rows[name] = (
-        bc.activation_traffic(hlo, size),
+        bc.activation_traffic(hlo, size),  # the path taken when one pass holds
         saved_residuals(forward, step_args, size),
       )
       contenders.append(Contender(name, lambda c=compiled, a=step_args: c(*a)))

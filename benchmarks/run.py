@@ -18,7 +18,9 @@ Four parts:
    ``hk.transform_with_state``), Keras 3 (when ``KERAS_BACKEND=jax`` and keras 3 is
    installed), tf_keras (when importable here) and the ``x * a + b`` floor. This process first calls
    `kbn_jax.cpu.tune_malloc()` (``--default-malloc`` to skip), so every JAX contender reuses
-   heap memory instead of page-faulting on fresh mmaps.
+   heap memory instead of page-faulting on fresh mmaps. A copy kernel (``x + 1``) timed beside
+   inference gives the device's streaming bandwidth, and the report states what fraction of it
+   inference and the training step achieve (on a GPU: of the device's measured peak).
 2. A model-level step (`bench_model.py`): an 8-layer conv net with kbn_jax, Flax or no BN; time
    ratios and the compiled step's temporary memory.
 3. kbn_jax against tf_keras's fused V1 kernel (oneDNN on), each in its own fresh process under
@@ -49,7 +51,7 @@ import bench_contenders as bc  # noqa: E402
 import bench_model  # noqa: E402
 import bench_processes  # noqa: E402
 import jax  # noqa: E402
-from _timing import format_seconds, time_compile, time_interleaved  # noqa: E402
+from _timing import Contender, format_seconds, time_compile, time_interleaved  # noqa: E402
 
 import kbn_jax.cpu  # noqa: E402
 
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
   args.malloc_tuned = (not args.default_malloc) and kbn_jax.cpu.tune_malloc()
   configs = _select(args)
   repeats = 3 if args.quick else args.repeats
-  results = {}  # (config, workload) -> {name: Timing}; (config, "traffic") -> {name: (r, w)}
+  results = {}  # (config, workload) -> {name: Timing}; (config, "traffic") -> {name: paths}
   print(_header())
   print(f"allocator (this process): {_allocator(args)}")
   if not bc.kbn_nnx_available():
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
   for config in configs:
     for workload in bc.WORKLOADS:
       contenders, compiles = bc.contenders(config, workload)
+      if workload == "infer":  # the device's streaming bandwidth, timed beside inference
+        contenders.append(_copy_contender(config))
       timings = time_interleaved(contenders, repeats=repeats, target_s=args.target_s)
       results[config.name, workload] = timings
       _print_row(config.name, workload, timings)
@@ -128,6 +132,51 @@ def main(argv=None) -> int:
   return 0
 
 
+COPY = "x + 1 (copy)"
+
+
+def _copy_contender(config):
+  """A copy kernel (one read, one write): the bandwidth the device actually streams at."""
+  x, _ = bc.inputs(config.shape)
+  copy = jax.jit(lambda x: x + 1.0)
+  return Contender(COPY, lambda: copy(x))
+
+
+def _bandwidth_table(results, configs):
+  """Achieved bandwidth of inference and the training step, as a fraction of the copy kernel's.
+
+  Bytes are the activation-sized reads and writes of the compiled programs (inference: one
+  read, one write; the training step: its HLO count on the one-pass path) times the
+  activation's size; the peak is a measured copy kernel's (read + write) bandwidth.
+  """
+  lines = [
+    "## Achieved bandwidth (fraction of a measured copy kernel)",
+    "",
+    f"Bytes moved (activation-sized reads and writes; the training step's from its HLO count) "
+    f"per second, over the bandwidth of `{COPY}` timed beside inference on this device "
+    f"({jax.devices()[0].platform}). 1.00 is the device's streaming peak.",
+    "",
+    "| configuration | copy GB/s | inference | training step |",
+    "|---|---|---|---|",
+  ]
+  for config in configs:
+    infer = results.get((config.name, "infer"), {})
+    step = results.get((config.name, "train_step"), {})
+    traffic = results.get((config.name, "traffic"), {}).get(OURS)
+    if COPY not in infer or OURS not in infer:
+      continue
+    nbytes = math.prod(config.shape) * 4
+    peak = 2 * nbytes / infer[COPY].median
+    cells = [f"{peak / 1e9:.1f}", f"{2 * nbytes / infer[OURS].median / peak:.2f}"]
+    if traffic and OURS in step:
+      (reads, writes), _ = traffic
+      cells.append(f"{(reads + writes) * nbytes / step[OURS].median / peak:.2f}")
+    else:
+      cells.append("n/a")
+    lines.append(f"| {config.name} | " + " | ".join(cells) + " |")
+  return [*lines, ""]
+
+
 def _compile_times(compiles, repeats):
   """Compile time of each contender's training step (the floor's is not a contender's)."""
   return {
@@ -138,14 +187,26 @@ def _compile_times(compiles, repeats):
 
 
 def _traffic(compiles, size):
-  """(reads, writes) of activation-sized arrays in each compiled training step."""
-  return {
-    name: bc.activation_traffic(build()().as_text(), size) for name, build in compiles.items()
-  }
+  """(reads, writes) of activation-sized arrays in each compiled training step, per path.
+
+  Returns name -> ``((reads, writes) when one pass holds, (reads, writes) on the fallback)``.
+  """
+  traffic = {}
+  for name, build in compiles.items():
+    hlo = build()().as_text()
+    traffic[name] = tuple(bc.activation_traffic(hlo, size, path=p) for p in ("fast", "fallback"))
+  return traffic
+
+
+def _traffic_text(paths):
+  """``8 / 2``, or ``8 / 2 (fallback 10 / 2)`` when a conditional makes the paths differ."""
+  (reads, writes), fallback = paths
+  text = f"{reads} / {writes}"
+  return text if fallback == (reads, writes) else f"{text} (fallback {fallback[0]} / {fallback[1]})"
 
 
 def _traffic_cells(traffic):
-  return "  ".join(f"{name}={reads}r+{writes}w" for name, (reads, writes) in traffic.items())
+  return "  ".join(f"{name}={_traffic_text(paths)}" for name, paths in traffic.items())
 
 
 def _parse(argv):
@@ -281,6 +342,7 @@ def _report(results, configs, args) -> str:
       TITLES[workload], [(c, results.get((c.name, workload))) for c in configs]
     )
   lines += _traffic_table([(c, results.get((c.name, "traffic"))) for c in configs])
+  lines += _bandwidth_table(results, configs)
   if "model" in results:
     lines += bench_model.markdown(*results["model"])
   if "processes" in results:
@@ -325,13 +387,15 @@ def _traffic_table(rows):
   note = (
     "Reads / writes of activation-sized arrays by the kernels of the compiled training step "
     "(the top-level instructions of this backend's optimized HLO; bitcasts are free), counted "
-    "by `bench_contenders.activation_traffic`. The floor reads once and writes once.",
+    "by `bench_contenders.activation_traffic`. The floor reads once and writes once. kbn_jax "
+    "takes its statistics in one pass when the batch mean is within two standard deviations "
+    "of 0 (here), and in two otherwise: a `conditional` whose dearer path is the fallback.",
     "",
   )
   return _table(
     "Activation traffic of the training step (HLO)",
     rows,
-    lambda traffic, name: f"{traffic[name][0]} / {traffic[name][1]}",
+    lambda traffic, name: _traffic_text(traffic[name]),
     note,
   )
 

@@ -482,6 +482,47 @@ def _collectives(hlo_text: str) -> list[Collective]:
   return found
 
 
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_BRANCHES = re.compile(
+  r"branch_computations=\{([^}]*)\}|true_computation=%([\w.\-]+), "
+  r"false_computation=%([\w.\-]+)"
+)
+
+
+def _collectives_per_path(hlo_text: str) -> list[list[Collective]]:
+  """The collectives of each path through the module's conditionals (one list per path).
+
+  The layer's moments take one pass or two behind a ``conditional``; a device runs the
+  collectives of one branch, so each path is checked on its own.
+  """
+  computations, name, entry = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _HLO_COMPUTATION.match(line)
+    if header:
+      name = header.group(1)
+      entry = name if line.startswith("ENTRY") else entry
+      computations[name] = []
+    elif name is not None:
+      computations[name].append(line)
+
+  def paths(computation):
+    result = [[]]
+    for line in computations.get(computation, []):
+      branches = _BRANCHES.search(line)
+      if " conditional(" in line and branches:
+        listed = branches.group(1) or ",".join(branches.group(2, 3))
+        options = [p for b in listed.split(",") for p in paths(b.strip().lstrip("%"))]
+      else:
+        options = [_collectives(line)]
+        for called in _CALLED.findall(line):
+          options = [options[0] + p for p in paths(called)]
+      result = [done + option for done in result for option in options]
+    return result
+
+  return paths(entry)
+
+
 def _is_per_channel(collective: Collective, features: int) -> bool:
   """At most a handful of numbers per feature and device: statistics, not activations."""
   return all(
@@ -565,12 +606,17 @@ def test_training_step_collectives_under_sharded_jit(backward):
       )
 
     step = jax.jit(forward)
-  collectives = _collectives(_compiled_text(step, args))
-  # Per-channel all-reduces only: the mean, then the second moment around it (two-pass).
-  assert collectives and {c.op for c in collectives} == {"all-reduce"}, collectives
-  assert len(collectives) <= 3, collectives
-  for collective in collectives:
-    assert _is_per_channel(collective, HLO_SHAPE[-1]), collective
+  paths = _collectives_per_path(_compiled_text(step, args))
+  # Per-channel all-reduces only, on every path: the two sums of one pass in one all-reduce, or
+  # the mean and then the second moment around it (two passes), or both when one pass is not
+  # trusted; the backward pass adds one (its per-channel sums packed together).
+  assert len(paths) >= 2, paths
+  assert min(map(len, paths)) == 1 + backward, paths
+  for collectives in paths:
+    assert collectives and {c.op for c in collectives} == {"all-reduce"}, collectives
+    assert len(collectives) <= 3 + backward, collectives
+    for collective in collectives:
+      assert _is_per_channel(collective, HLO_SHAPE[-1]), collective
 
 
 # --------------------------------------------------------------------------------------------

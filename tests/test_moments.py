@@ -60,6 +60,90 @@ def test_fully_masked_moments_are_zero_not_nan():
   np.testing.assert_array_equal(variance, [0.0, 0.0])
 
 
+def _moments_with_prior(x, axes, prior):
+  """`batch_moments` with a prior, squeezed to the channel shape."""
+  mean, variance, _ = _moments.batch_moments(x, axes, prior=prior)
+  return jnp.squeeze(mean, axes), jnp.squeeze(variance, axes)
+
+
+def _float64_moments(x, axes):
+  x64 = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+  return x64.mean(axes), x64.var(axes)
+
+
+@pytest.mark.parametrize("stds", [0.0, 1.0, 1.99, 2.01, 8.0])
+def test_one_pass_is_trusted_only_within_two_standard_deviations_of_zero(stds, rng):
+  x = rng.normal(size=(512, 3))
+  x = (x - x.mean(0)) / x.std(0) + stds  # mean exactly `stds` standard deviations from 0
+  *_, trusted = _moments._one_pass_partials(jnp.asarray(x, jnp.float32), (0,))
+  assert bool(trusted) == (stds <= _moments.ONE_PASS_WITHIN_STDS)
+
+
+@TRANSFORMS
+@pytest.mark.parametrize("stds", [0.0, 0.5, 1.0, 1.99, 2.01, 3.0])
+def test_moments_with_a_prior_match_float64_on_both_sides_of_the_window(transform, stds, rng):
+  # The worst case one pass accepts: a mean just inside the window over a large batch (its
+  # variance has about 1 + 2**2 times the rounding of a two-pass one); just outside, two passes.
+  x = rng.normal(size=(64 * 32 * 32, 4))
+  x = ((x - x.mean(0)) / x.std(0) * 0.5 + 0.5 * stds).astype(np.float32)
+  prior = (jnp.zeros(4), jnp.ones(4))
+  mean, variance = transform(lambda x: _moments_with_prior(x, (0,), prior))(x)
+  expected_mean, expected_variance = _float64_moments(x, (0,))
+  np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(variance, expected_variance, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "dtype, mean", [(jnp.float32, 1e4), (jnp.float16, 1e3), (jnp.bfloat16, 1e3)]
+)
+def test_moments_with_a_prior_fall_back_to_two_passes_for_large_means(dtype, mean, rng):
+  # The prior (the initial moving statistics 0 and 1) wrongly predicts one pass: the batch's
+  # own sums overrule it, and the variance keeps the two-pass accuracy.
+  x = jnp.asarray(mean + rng.normal(size=(1000, 4)), dtype)
+  _, variance = _moments_with_prior(x, (0,), (jnp.zeros(4), jnp.ones(4)))
+  np.testing.assert_allclose(variance, _float64_moments(x, (0,))[1], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "prior",
+  [(1e4, 1.0), (np.nan, 1.0), (0.0, np.nan), (0.0, -1.0), (np.inf, 1.0)],
+  ids=["far", "nan_mean", "nan_variance", "negative_variance", "inf"],
+)
+def test_moments_with_an_untrustworthy_prior_are_two_pass(prior, rng):
+  x = (rng.normal(size=(256, 3)) * 3 + 2).astype(np.float32)
+  mean, variance = _moments_with_prior(x, (0,), tuple(jnp.full(3, p) for p in prior))
+  expected = _moments_with_prior(x, (0,), None)
+  np.testing.assert_array_equal(mean, expected[0])
+  np.testing.assert_array_equal(variance, expected[1])
+
+
+def test_moments_with_a_prior_under_vmap_keep_each_examples_choice(rng):
+  # One example takes one pass, the other needs two: vmap runs both and each keeps its own.
+  near = rng.normal(size=(300, 3))
+  far = 1e4 + rng.normal(size=(300, 3))
+  xs = jnp.asarray(np.stack([near, far]), jnp.float32)
+  prior = (jnp.zeros(3), jnp.ones(3))
+  batched = jax.vmap(lambda x: _moments_with_prior(x, (0,), prior))(xs)
+  for i in range(2):
+    single = _moments_with_prior(xs[i], (0,), prior)
+    np.testing.assert_allclose(batched[0][i], single[0], rtol=1e-6)
+    np.testing.assert_allclose(batched[1][i], single[1], rtol=1e-5)
+    np.testing.assert_allclose(batched[1][i], _float64_moments(xs[i], (0,))[1], rtol=1e-4)
+
+
+def test_moments_with_a_prior_have_the_two_pass_derivatives(rng):
+  x = (rng.normal(size=(64, 3)) * 2 + 1).astype(np.float32)
+  weights = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+
+  def loss(x, prior):
+    mean, variance = _moments_with_prior(x, (0,), prior)
+    return jnp.sum(weights[0] * mean + weights[1] * variance)
+
+  one_pass = jax.grad(loss)(x, (jnp.zeros(3), jnp.ones(3)))
+  two_pass = jax.grad(loss)(x, None)
+  np.testing.assert_allclose(one_pass, two_pass, rtol=1e-5, atol=1e-6)
+
+
 def test_partial_moments_merge_equals_whole(rng):
   """Chan's merge of per-part (count, mean, M2) equals the moments of the concatenation."""
   parts = [rng.normal(loc=1e3, size=(n, 3)).astype(np.float32) for n in (2, 5, 1)]
