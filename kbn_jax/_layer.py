@@ -387,10 +387,7 @@ def _train(x, gamma, beta, stats, config, plan, mask, renorm_clipping, adjustmen
       mask=mask,
       axis_name=plan.moments_axis_name,
       axis_index_groups=plan.moments_groups,
-      prior=(
-        _broadcast(stats["moving_mean"], plan.feature_axes, x.ndim),
-        _broadcast(stats["moving_variance"], plan.feature_axes, x.ndim),
-      ),
+      one_pass=True,
     )
     target_mean, target_variance = moments.mean, moments.variance
   if plan.ghost_size is not None:

@@ -150,11 +150,6 @@ def _partials(x, reduction_axes, mask, *, residual: bool, barrier: bool = False)
 ONE_PASS_WITHIN_STDS = 2.0
 
 
-def _within_stds_of_zero(mean: jax.Array, variance: jax.Array) -> jax.Array:
-  """Whether every channel's ``|mean| <= ONE_PASS_WITHIN_STDS * std`` (False for any NaN)."""
-  return jnp.all(jnp.square(mean) <= ONE_PASS_WITHIN_STDS**2 * variance)
-
-
 def _one_pass_partials(x, axes):
   """``(count, mean, M2, residual, trusted)`` from one pass: the sums of ``x`` and ``x^2``.
 
@@ -173,35 +168,43 @@ def _one_pass_partials(x, axes):
   mean = total / count
   m2 = squares - total * mean
   residual = total - count * mean
-  return count, mean, m2, residual, _within_stds_of_zero(mean, m2 / count)
+  trusted = jnp.all(jnp.square(mean) * count <= ONE_PASS_WITHIN_STDS**2 * m2)
+  return count, mean, m2, residual, trusted
 
 
-def _local_partials(x, axes, prior, *, residual: bool):
+def _local_partials(x, axes, *, one_pass: bool, residual: bool):
   """Unweighted ``(count, mean, M2, residual)``: one pass when it can be trusted, else two.
 
-  Without `prior` the moments are two-pass. With it, ``prior = (mean, variance)`` (the moving
-  statistics) says in advance whether one pass is likely to hold (`_within_stds_of_zero`), and
-  the batch's own one-pass moments confirm it; otherwise the moments are two-pass. Both choices
-  are `lax.cond`, so a pass runs only when it is needed (under `jax.vmap` with a per-example
-  choice both run, and each example keeps its own result).
+  With `one_pass`, the sums of ``x`` and ``x^2`` come first (`_one_pass_partials`); when the
+  batch's mean is not within `ONE_PASS_WITHIN_STDS` standard deviations of 0, a second pass
+  takes ``M2`` around that mean (a `lax.cond`, so it runs only when needed; under `jax.vmap`
+  with a per-example choice it always runs and each example keeps its own result). The mean is
+  the same in both: ``sum(x) / n``.
+
+  This is XLA:CPU's choice, where a plain sum costs half a centered one; other platforms keep
+  two passes, straight-line: a conditional there waits for its predicate on the host, and the
+  trade has not been measured on an accelerator.
   """
   x = jnp.asarray(x)
   x = x.astype(reduction_dtype(x.dtype))
+  if not one_pass or math.prod(x.shape) == 0:
+    return _partials(x, axes, None, residual=residual, barrier=True)
 
-  def two_pass():
-    return _partials(x, axes, None, residual=True, barrier=True)
+  def on_cpu(x):
+    count, mean, m2, rest, trusted = _one_pass_partials(x, axes)
 
-  if prior is None or math.prod(x.shape) == 0:
-    count, mean, m2, rest = _partials(x, axes, None, residual=residual, barrier=True)
+    def second_pass(mean):
+      centered = x - mean
+      m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
+      return m2, jnp.sum(centered, axes, keepdims=True) if residual else rest
+
+    m2, rest = lax.cond(trusted, lambda _: (m2, rest), second_pass, mean)
     return count, mean, m2, rest
 
-  def one_pass():
-    count, mean, m2, rest, trusted = _one_pass_partials(x, axes)
-    return lax.cond(trusted, lambda: (count, mean, m2, rest), two_pass)
+  def elsewhere(x):
+    return _partials(x, axes, None, residual=True, barrier=True)
 
-  prior_mean, prior_variance = (jnp.asarray(p).astype(x.dtype) for p in prior)
-  likely = _within_stds_of_zero(prior_mean, prior_variance)
-  count, mean, m2, rest = lax.cond(likely, one_pass, two_pass)
+  count, mean, m2, rest = lax.platform_dependent(x, cpu=on_cpu, default=elsewhere)
   return count, mean, m2, rest if residual else None
 
 
@@ -381,7 +384,7 @@ def batch_moments(
   mask: jax.typing.ArrayLike | None = None,
   axis_name: AxisName | None = None,
   axis_index_groups: AxisIndexGroups | None = None,
-  prior: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
+  one_pass: bool = False,
 ) -> Moments:
   """The batch moments of `x`, with the derivative that fits them.
 
@@ -402,11 +405,9 @@ def batch_moments(
     mask: optional weights of shape ``x.shape[:-1]`` (Keras: ``expand_dims(mask, -1)``).
     axis_name: optional mapped axis name(s) to reduce across devices.
     axis_index_groups: optional groups of `axis_name` indices reduced separately.
-    prior: optional per-channel ``(mean, variance)`` estimates, broadcastable to the kept-dims
-      moments (the layer passes its moving statistics): unweighted moments then take one pass
-      over `x` when its mean is within `ONE_PASS_WITHIN_STDS` standard deviations of 0, and
-      two otherwise (see `_local_partials`). The result does not depend on it beyond rounding.
-      Ignored with a mask.
+    one_pass: take unweighted moments in one pass (the sums of ``x`` and ``x^2``) when the
+      batch mean is within `ONE_PASS_WITHIN_STDS` standard deviations of 0, where that is as
+      accurate, and add a second pass otherwise (see `_local_partials`). Ignored with a mask.
 
   Returns:
     `Moments`, with the reduced axes kept as size 1.
@@ -418,10 +419,7 @@ def batch_moments(
   if mask is not None:
     mean, variance = _weighted_moments(x, axes, mask, axis_name, groups)
     return Moments(mean, variance, None)
-  with_prior = prior is not None
-  if prior is None:
-    prior = (jnp.zeros((), reduction_dtype(x.dtype)),) * 2
-  mean, variance = _moments_kernel(axes, axis_name, groups, with_prior)(x, tuple(prior))
+  mean, variance = _moments_kernel(axes, axis_name, groups, one_pass)(x)
   return Moments(mean, variance, Reduction(axes, axis_name, groups))
 
 
@@ -496,15 +494,12 @@ remat = functools.partial(jax.checkpoint, prevent_cse=False)
 
 
 @functools.lru_cache(maxsize=256)
-def _moments_kernel(axes, axis_name, axis_index_groups, with_prior):
-  """Builds the `custom_jvp` moments ``kernel(x, prior)`` for one static configuration.
+def _moments_kernel(axes, axis_name, axis_index_groups, one_pass):
+  """Builds the `custom_jvp` moments for one static configuration."""
 
-  The moments do not depend on the prior mathematically, so its tangent is ignored.
-  """
-
-  def moments_with_count(x, prior):
+  def moments_with_count(x):
     count, mean, m2, residual = _local_partials(
-      x, axes, prior if with_prior else None, residual=axis_name is not None
+      x, axes, one_pass=one_pass, residual=axis_name is not None
     )
     if axis_name is not None:
       count, mean, m2 = merge_partial_moments(
@@ -526,12 +521,12 @@ def _moments_kernel(axes, axis_name, axis_index_groups, with_prior):
     inv_n = _div_no_nan(jnp.ones_like(count), count)
     return sums[0] * inv_n, 2 * sums[1] * inv_n
 
-  kernel = jax.custom_jvp(lambda x, prior: moments_with_count(x, prior)[:2])
+  kernel = jax.custom_jvp(lambda x: moments_with_count(x)[:2])
 
   @kernel.defjvp
   def _jvp(primals, tangents):
-    (x, prior), (dx, _) = primals, tangents
-    mean, variance, count = moments_with_count(x, prior)
+    (x,), (dx,) = primals, tangents
+    mean, variance, count = moments_with_count(x)
     return (mean, variance), tangent(x, mean, count, dx)
 
   return kernel

@@ -60,9 +60,9 @@ def test_fully_masked_moments_are_zero_not_nan():
   np.testing.assert_array_equal(variance, [0.0, 0.0])
 
 
-def _moments_with_prior(x, axes, prior):
-  """`batch_moments` with a prior, squeezed to the channel shape."""
-  mean, variance, _ = _moments.batch_moments(x, axes, prior=prior)
+def _channel_moments(x, axes, *, one_pass):
+  """`batch_moments`, squeezed to the channel shape."""
+  mean, variance, _ = _moments.batch_moments(x, axes, one_pass=one_pass)
   return jnp.squeeze(mean, axes), jnp.squeeze(variance, axes)
 
 
@@ -81,13 +81,12 @@ def test_one_pass_is_trusted_only_within_two_standard_deviations_of_zero(stds, r
 
 @TRANSFORMS
 @pytest.mark.parametrize("stds", [0.0, 0.5, 1.0, 1.99, 2.01, 3.0])
-def test_moments_with_a_prior_match_float64_on_both_sides_of_the_window(transform, stds, rng):
+def test_one_pass_moments_match_float64_on_both_sides_of_the_window(transform, stds, rng):
   # The worst case one pass accepts: a mean just inside the window over a large batch (its
   # variance has about 1 + 2**2 times the rounding of a two-pass one); just outside, two passes.
   x = rng.normal(size=(64 * 32 * 32, 4))
   x = ((x - x.mean(0)) / x.std(0) * 0.5 + 0.5 * stds).astype(np.float32)
-  prior = (jnp.zeros(4), jnp.ones(4))
-  mean, variance = transform(lambda x: _moments_with_prior(x, (0,), prior))(x)
+  mean, variance = transform(lambda x: _channel_moments(x, (0,), one_pass=True))(x)
   expected_mean, expected_variance = _float64_moments(x, (0,))
   np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(variance, expected_variance, rtol=1e-5)
@@ -96,52 +95,63 @@ def test_moments_with_a_prior_match_float64_on_both_sides_of_the_window(transfor
 @pytest.mark.parametrize(
   "dtype, mean", [(jnp.float32, 1e4), (jnp.float16, 1e3), (jnp.bfloat16, 1e3)]
 )
-def test_moments_with_a_prior_fall_back_to_two_passes_for_large_means(dtype, mean, rng):
-  # The prior (the initial moving statistics 0 and 1) wrongly predicts one pass: the batch's
-  # own sums overrule it, and the variance keeps the two-pass accuracy.
+def test_one_pass_moments_take_a_second_pass_for_large_means(dtype, mean, rng):
+  # E[x^2] - E[x]^2 would lose the variance here; the second pass keeps two-pass accuracy.
   x = jnp.asarray(mean + rng.normal(size=(1000, 4)), dtype)
-  _, variance = _moments_with_prior(x, (0,), (jnp.zeros(4), jnp.ones(4)))
+  _, variance = _channel_moments(x, (0,), one_pass=True)
   np.testing.assert_allclose(variance, _float64_moments(x, (0,))[1], rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-  "prior",
-  [(1e4, 1.0), (np.nan, 1.0), (0.0, np.nan), (0.0, -1.0), (np.inf, 1.0)],
-  ids=["far", "nan_mean", "nan_variance", "negative_variance", "inf"],
-)
-def test_moments_with_an_untrustworthy_prior_are_two_pass(prior, rng):
+@pytest.mark.parametrize("special", [np.nan, np.inf, 5.0], ids=["nan", "inf", "constant"])
+def test_one_pass_moments_of_special_channels_are_the_two_pass_ones(special, rng):
   x = (rng.normal(size=(256, 3)) * 3 + 2).astype(np.float32)
-  mean, variance = _moments_with_prior(x, (0,), tuple(jnp.full(3, p) for p in prior))
-  expected = _moments_with_prior(x, (0,), None)
-  np.testing.assert_array_equal(mean, expected[0])
-  np.testing.assert_array_equal(variance, expected[1])
+  x[:, 1] = special if special == 5.0 else x[:, 1]
+  x[7, 1] = special
+  one_pass = _channel_moments(x, (0,), one_pass=True)
+  two_pass = _channel_moments(x, (0,), one_pass=False)
+  np.testing.assert_array_equal(one_pass[0], two_pass[0])
+  np.testing.assert_allclose(one_pass[1], two_pass[1], rtol=1e-6)
+  if special == 5.0:
+    assert one_pass[1][1] == 0.0  # a constant channel has exactly zero variance
 
 
-def test_moments_with_a_prior_under_vmap_keep_each_examples_choice(rng):
+def test_one_pass_moments_under_vmap_keep_each_examples_choice(rng):
   # One example takes one pass, the other needs two: vmap runs both and each keeps its own.
   near = rng.normal(size=(300, 3))
   far = 1e4 + rng.normal(size=(300, 3))
   xs = jnp.asarray(np.stack([near, far]), jnp.float32)
-  prior = (jnp.zeros(3), jnp.ones(3))
-  batched = jax.vmap(lambda x: _moments_with_prior(x, (0,), prior))(xs)
+  batched = jax.vmap(lambda x: _channel_moments(x, (0,), one_pass=True))(xs)
   for i in range(2):
-    single = _moments_with_prior(xs[i], (0,), prior)
+    single = _channel_moments(xs[i], (0,), one_pass=True)
     np.testing.assert_allclose(batched[0][i], single[0], rtol=1e-6)
     np.testing.assert_allclose(batched[1][i], single[1], rtol=1e-5)
     np.testing.assert_allclose(batched[1][i], _float64_moments(xs[i], (0,))[1], rtol=1e-4)
 
 
-def test_moments_with_a_prior_have_the_two_pass_derivatives(rng):
+def test_one_pass_moments_have_the_two_pass_derivatives(rng):
   x = (rng.normal(size=(64, 3)) * 2 + 1).astype(np.float32)
   weights = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
 
-  def loss(x, prior):
-    mean, variance = _moments_with_prior(x, (0,), prior)
+  def loss(x, one_pass):
+    mean, variance = _channel_moments(x, (0,), one_pass=one_pass)
     return jnp.sum(weights[0] * mean + weights[1] * variance)
 
-  one_pass = jax.grad(loss)(x, (jnp.zeros(3), jnp.ones(3)))
-  two_pass = jax.grad(loss)(x, None)
+  one_pass = jax.grad(loss)(x, True)
+  two_pass = jax.grad(loss)(x, False)
   np.testing.assert_allclose(one_pass, two_pass, rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_is_cpu_only():
+  # Accelerators keep the straight-line two passes (no conditional waits on the host there).
+  x = jnp.ones((8, 3))
+
+  def reductions(platform):
+    lowered = jax.jit(lambda x: _channel_moments(x, (0,), one_pass=True)).trace(x)
+    return lowered.lower(lowering_platforms=(platform,)).as_text().count("stablehlo.reduce")
+
+  two_pass = jax.jit(lambda x: _channel_moments(x, (0,), one_pass=False)).trace(x)
+  assert reductions("cuda") == two_pass.lower().as_text().count("stablehlo.reduce")
+  assert reductions("cpu") > reductions("cuda")
 
 
 def test_partial_moments_merge_equals_whole(rng):
