@@ -78,6 +78,7 @@ CONFIGS = (
   Config("nhwc_32x56x56x128", (32, 56, 56, 128)),
   Config("nhwc_8x112x112x64", (8, 112, 112, 64)),
   Config("dense_256x1024", (256, 1024)),
+  Config("dense_1024x1024", (1024, 1024)),
   Config("dense_4096x512", (4096, 512)),
   Config("nchw_64x64x32x32", (64, 64, 32, 32), axis=1),
   Config("ghost16_64x32x32x64", (64, 32, 32, 64), virtual_batch_size=16, plain="nhwc_64x32x32x64"),

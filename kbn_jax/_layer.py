@@ -263,6 +263,8 @@ class Plan:
     group_size: devices per ghost batch that spans devices, else None.
     subtract_mean_first: Keras's fused arithmetic form (also PyTorch's).
     bessel_count: elements per channel when the moving variance is Bessel-corrected, else None.
+    one_pass: unweighted moments may take one pass (see `kbn_jax._moments.batch_moments`); not
+      per example, where `jax.vmap` would run both of its branches for every example.
   """
 
   regime: str
@@ -277,6 +279,7 @@ class Plan:
   group_size: int | None
   subtract_mean_first: bool
   bessel_count: int | None
+  one_pass: bool
 
 
 def _plan(
@@ -310,6 +313,7 @@ def _plan(
     axis_name=axis_name,
     subtract_mean_first=fused or config.semantics == "torch",
     bessel_count=count if corrected else None,
+    one_pass=not per_example,
   )
   not_feature = tuple(a for a in range(ndim) if a not in axes)
   vbs = config.virtual_batch_size
@@ -387,7 +391,7 @@ def _train(x, gamma, beta, stats, config, plan, mask, renorm_clipping, adjustmen
       mask=mask,
       axis_name=plan.moments_axis_name,
       axis_index_groups=plan.moments_groups,
-      one_pass=True,
+      one_pass=plan.one_pass,
     )
     target_mean, target_variance = moments.mean, moments.variance
   if plan.ghost_size is not None:
