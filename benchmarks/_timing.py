@@ -41,6 +41,7 @@ class Timing:
   low: float
   high: float
   samples: int
+  values: tuple[float, ...] = ()  # the samples in round order (interleaved timings)
 
 
 def _time_calls(contender: Contender, number: int) -> float:
@@ -95,7 +96,10 @@ def time_interleaved(
     shift = round_index % len(contenders)
     for contender in contenders[shift:] + contenders[:shift]:
       samples[contender.name].append(_time_calls(contender, numbers[contender.name]))
-  return {name: Timing(statistics.median(s), min(s), max(s), len(s)) for name, s in samples.items()}
+  return {
+    name: Timing(statistics.median(s), min(s), max(s), len(s), tuple(s))
+    for name, s in samples.items()
+  }
 
 
 def time_compile(build: Callable[[], Callable[[], Any]], *, repeats: int = 3) -> Timing:

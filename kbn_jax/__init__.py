@@ -9,7 +9,7 @@ from typing import Any
 
 from kbn_jax import functional as functional
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = (
   "BatchNormalization",
