@@ -181,31 +181,35 @@ def _local_partials(x, axes, *, one_pass: bool, residual: bool):
   with a per-example choice it always runs and each example keeps its own result). The mean is
   the same in both: ``sum(x) / n``.
 
-  This is XLA:CPU's choice, where a plain sum costs half a centered one; other platforms keep
-  two passes, straight-line: a conditional there waits for its predicate on the host, and the
-  trade has not been measured on an accelerator.
+  This is XLA:CPU's choice in compiled code (`compiled_for_cpu`), where a plain sum costs half
+  a centered one; other backends keep two passes, straight-line: a conditional there waits for
+  its predicate on the host, and the trade has not been measured on an accelerator. Eager calls
+  keep two passes too.
   """
+  traced = compiled_for_cpu(x)
   x = jnp.asarray(x)
   x = x.astype(reduction_dtype(x.dtype))
-  if not one_pass or math.prod(x.shape) == 0:
+  if not (one_pass and traced) or math.prod(x.shape) == 0:
     return _partials(x, axes, None, residual=residual, barrier=True)
+  count, mean, m2, rest, trusted = _one_pass_partials(x, axes)
 
-  def on_cpu(x):
-    count, mean, m2, rest, trusted = _one_pass_partials(x, axes)
+  def second_pass(mean):
+    centered = x - mean
+    m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
+    return m2, jnp.sum(centered, axes, keepdims=True) if residual else rest
 
-    def second_pass(mean):
-      centered = x - mean
-      m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
-      return m2, jnp.sum(centered, axes, keepdims=True) if residual else rest
-
-    m2, rest = lax.cond(trusted, lambda _: (m2, rest), second_pass, mean)
-    return count, mean, m2, rest
-
-  def elsewhere(x):
-    return _partials(x, axes, None, residual=True, barrier=True)
-
-  count, mean, m2, rest = lax.platform_dependent(x, cpu=on_cpu, default=elsewhere)
+  m2, rest = lax.cond(trusted, lambda _: (m2, rest), second_pass, mean)
   return count, mean, m2, rest if residual else None
+
+
+def compiled_for_cpu(value: jax.typing.ArrayLike) -> bool:
+  """Whether `value` is traced (under `jax.jit`, a transformation) with the CPU as JAX's backend.
+
+  The CPU-specific kernel choices (`_local_partials`, `kbn_jax._normalize.in_own_kernel`) pay
+  off only in compiled code on XLA:CPU; eager calls dispatch one operation at a time, where a
+  conditional only adds a compilation.
+  """
+  return isinstance(value, jax.core.Tracer) and jax.default_backend() == "cpu"
 
 
 def merge_partial_moments(

@@ -105,6 +105,7 @@ def _apply(x, mean, variance, *, scale, offset, epsilon, subtract_mean_first, ow
   factors = functools.partial(
     _affine_factors, epsilon=epsilon, subtract_mean_first=subtract_mean_first
   )
+  own_kernel = own_kernel and _moments.compiled_for_cpu(x)
   computed = in_own_kernel(factors, per_channel) if own_kernel else factors(per_channel)
   if subtract_mean_first:
     mean, inv, offset = computed
@@ -133,9 +134,10 @@ def in_own_kernel(compute, operands):
   ``beta - mean * a``) into the activation-sized pass that consumes it, once per element, so
   inference on a cache-resident activation ran at 1.16-1.33x of a bare ``x * a + b``; an
   optimization barrier does not stop that fusion. A conditional's results are materialized,
-  so on CPU `compute` runs inside a `lax.cond` whose two branches are the same function (the
-  predicate is irrelevant to the result). Other platforms compute it inline: their passes are
-  memory-bound, and a conditional would wait for its predicate on the host.
+  so `compute` runs inside a `lax.cond` whose two branches are the same function (the
+  predicate is irrelevant to the result). Only for code compiled for the CPU
+  (`kbn_jax._moments.compiled_for_cpu`): other backends' passes are memory-bound, a
+  conditional would wait for its predicate on the host, and eager calls fuse nothing.
 
   Args:
     compute: a function of `operands` returning statistics-shaped arrays.
@@ -145,14 +147,11 @@ def in_own_kernel(compute, operands):
     ``compute(operands)``.
   """
 
-  def on_cpu(operands):
-    leaves = [leaf for leaf in jax.tree.leaves(operands) if jnp.size(leaf)]
-    if not leaves:
-      return compute(operands)
-    any_value = jnp.ravel(leaves[0])[0]
-    return lax.cond(any_value == any_value, compute, compute, operands)
-
-  return lax.platform_dependent(operands, cpu=on_cpu, default=compute)
+  leaves = [leaf for leaf in jax.tree.leaves(operands) if jnp.size(leaf)]
+  if not leaves:
+    return compute(operands)
+  any_value = jnp.ravel(leaves[0])[0]
+  return lax.cond(any_value == any_value, compute, compute, operands)
 
 
 def normalize_batch(
