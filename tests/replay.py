@@ -86,9 +86,8 @@ FRAMEWORK_STEMS = [
 ]
 
 
-# The NNX, Equinox and Haiku shells replay these V1 fixtures in the default tier (one case per
-# regime, dtype and rank; the pure function and linen replay all 78 there), the rest in the slow
-# tier, which CI also runs.
+# Every front-end replays these V1 fixtures in the default tier (one case per regime, dtype and
+# rank) and the rest in the slow tier, which CI also runs (`tests/conftest.py` tiers linen's).
 REPRESENTATIVE_V1 = (
   "r2_default",
   "r2_batch1",

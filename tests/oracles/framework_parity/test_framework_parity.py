@@ -186,8 +186,8 @@ def replay(stem, runner_name):
   return errors
 
 
-# The shells (linen, NNX) replay these in the default tier and every stem in the slow tier (the
-# pure function replays every stem in both); the Equinox and Haiku shells use them too.
+# Every front-end (the pure function, linen, NNX, Equinox, Haiku) replays these in the default
+# tier and every stem in the slow tier.
 DEFAULT_TIER_STEMS = (
   "keras_v2_r4_nhwc",
   "keras_v2_r2_renorm",
@@ -204,7 +204,7 @@ def _tiered_cases():
     if stem in _NOT_REPRODUCED:
       continue
     for runner in sorted(RUNNERS):
-      slow = runner != "functional" and stem not in DEFAULT_TIER_STEMS
+      slow = stem not in DEFAULT_TIER_STEMS
       yield pytest.param(stem, runner, marks=pytest.mark.slow) if slow else (stem, runner)
 
 
