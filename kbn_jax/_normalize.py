@@ -146,7 +146,6 @@ def in_own_kernel(compute, operands):
   Returns:
     ``compute(operands)``.
   """
-
   leaves = [leaf for leaf in jax.tree.leaves(operands) if jnp.size(leaf)]
   if not leaves:
     return compute(operands)
