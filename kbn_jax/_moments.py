@@ -130,9 +130,7 @@ def _partials(x, reduction_axes, mask, *, residual: bool, barrier: bool = False)
   if mask is None:
     mean = jnp.mean(x, axes, keepdims=True)
     count = jnp.full(mean.shape, math.prod(x.shape[a] for a in axes), x.dtype)
-    centered = x - (distinct(mean, count) if barrier else mean)
-    m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
-    rest = jnp.sum(centered, axes, keepdims=True) if residual else None
+    m2, rest = _centered_sums(x, axes, distinct(mean, count) if barrier else mean, residual)
     return count, mean, m2, rest
   weights = _mask_weights(x, mask)
   count = jnp.sum(weights, axes, keepdims=True)
@@ -194,9 +192,8 @@ def _local_partials(x, axes, *, one_pass: bool, residual: bool):
   count, mean, m2, rest, trusted = _one_pass_partials(x, axes)
 
   def second_pass(mean):
-    centered = x - mean
-    m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
-    return m2, jnp.sum(centered, axes, keepdims=True) if residual else rest
+    m2, centered_rest = _centered_sums(x, axes, mean, residual)
+    return m2, rest if centered_rest is None else centered_rest
 
   m2, rest = lax.cond(trusted, lambda _: (m2, rest), second_pass, mean)
   return count, mean, m2, rest if residual else None
@@ -210,6 +207,13 @@ def compiled_for_cpu(value: jax.typing.ArrayLike) -> bool:
   conditional only adds a compilation.
   """
   return isinstance(value, jax.core.Tracer) and jax.default_backend() == "cpu"
+
+
+def _centered_sums(x, axes, mean, residual: bool):
+  """``(sum((x - mean)^2), sum(x - mean) or None)``: the second pass of two-pass moments."""
+  centered = x - mean
+  m2 = jnp.sum(jnp.square(centered), axes, keepdims=True)
+  return m2, jnp.sum(centered, axes, keepdims=True) if residual else None
 
 
 def merge_partial_moments(
