@@ -6,8 +6,8 @@ pools its memory. So each contender runs in its own fresh process (`_process_wor
 each allocator setting:
 
 * ``default``: glibc's defaults;
-* ``tuned``: ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` (what
-  `kbn_jax.cpu.tune_malloc_env` returns);
+* ``tuned``: ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+  MALLOC_ARENA_MAX=1`` (what `kbn_jax.cpu.tune_malloc_env` returns);
 * ``mallopt`` (JAX contenders only, on request): `kbn_jax.cpu.tune_malloc()` called first
   thing in the process instead of the environment variables;
 * ``preload`` (on request, ``--preload /path/to/libjemalloc.so``): another allocator loaded
@@ -44,7 +44,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_process_worker.py"
 REPO = HERE.parent
-TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+TUNED_ENV = {
+  "MALLOC_MMAP_THRESHOLD_": "4294967296",
+  "MALLOC_TRIM_THRESHOLD_": "4294967296",
+  "MALLOC_ARENA_MAX": "1",
+}
 ALLOCATORS = ("default", "tuned")
 MALLOPT = "mallopt"
 PRELOAD = "preload"
@@ -157,7 +161,8 @@ def markdown(medians, configs=None, rounds=3, preload=None) -> list[str]:
     "Each contender in its own fresh process (`benchmarks/bench_processes.py`), started "
     f"round-robin, {rounds} processes per contender and allocator; medians over the processes "
     "of each process's median. `default`: glibc's malloc as is; `tuned`: "
-    "`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` (the environment "
+    "`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_ARENA_MAX=1` "
+    "(the environment "
     "route; `kbn_jax.cpu.tune_malloc()` is the in-process one). `x*2+1`: "
     "`jax.jit(lambda x: x * 2 + 1)` on the same input, the allocator's cost alone. TensorFlow: "
     "tf_keras V1 `BatchNormalization`"
