@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import platform
 import time
 
 from _common import BN_CHOICES, CNN, Trainer, fit, load_digits, renorm_warmup
+
+import kbn_jax.cpu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,4 +88,7 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
+  if platform.system() == "Linux":
+    # The first step of CPU training (docs/performance.md): XLA's buffers stay in glibc's heap.
+    kbn_jax.cpu.tune_malloc()
   main()
