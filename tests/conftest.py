@@ -41,6 +41,8 @@ SLOW_TIER = (
   "tests/test_examples.py::test_raw_jax_example_imports_neither_flax_nor_optax",
   "tests/test_normalize.py::test_check_grads_first_and_second_order",
   "tests/test_normalize.py::test_jacfwd_equals_jacrev",
+  "tests/test_nnx.py::test_jit_optimizer_training_and_eval_match_linen",
+  "tests/test_equinox.py::test_filter_jit_grad_and_optax_train_a_per_example_model",
   "tests/test_nnx.py::test_vmap_ensemble_forward_matches_each_member",
   "tests/test_nnx.py::test_vmap_ensemble_training_matches_each_member",
   "tests/test_nnx.py::test_scan_over_stacked_layers_equals_unrolled_loop",

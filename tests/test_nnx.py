@@ -238,6 +238,9 @@ LEARNING_RATE = 0.1
 
 # NNX vs linen, N devices vs 1 device: only float32 summation order may differ.
 TOLERANCE = 1e-6
+# Parameter gradients summed across devices (shard_map's psum) against one device's sum: the
+# order differs over whole batches of terms, whose rounding reached 1.1e-6 on an AVX2 CPU.
+CROSS_DEVICE_TOLERANCE = 1e-5
 
 
 RENORM = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}}
@@ -768,7 +771,9 @@ def test_jax_shard_map_matches_one_device():
       assert leaf.shape[0] == NUM_SHARDS
       np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
     stats = jax.device_put(jax.tree.map(lambda a: np.asarray(a)[0], rows), replicated)
-    _assert_close({**_pure(outputs), "stats": stats}, expected[s], what=f"step {s}: ")
+    _assert_close(
+      {**_pure(outputs), "stats": stats}, expected[s], CROSS_DEVICE_TOLERANCE, f"step {s}: "
+    )
   # The module takes the statistics back with nnx.update.
   _assert_identical(_stats(model), initial_stats)
   nnx.update(model, stats)
@@ -800,7 +805,9 @@ def test_nnx_shard_map_matches_one_device():
   nnx.update(model, jax.device_put(nnx.state(model), replicated))
   for s in range(2):
     outputs = sharded(model, jax.device_put(x[s], batch), jax.device_put(cotangent[s], batch))
-    _assert_close({**_pure(outputs), "stats": _stats(model)}, expected[s], what=f"step {s}: ")
+    _assert_close(
+      {**_pure(outputs), "stats": _stats(model)}, expected[s], CROSS_DEVICE_TOLERANCE, f"step {s}: "
+    )
 
 
 def test_sharded_nnx_jit_matches_one_device():
@@ -823,7 +830,7 @@ def test_sharded_nnx_jit_matches_one_device():
     loss = _train_step(model, optimizer, jax.device_put(x[s], batch), jax.device_put(t[s], batch))
     assert model.bn1.moving_mean.get_value().sharding.is_fully_replicated
     history.append({"loss": np.asarray(loss), "params": _params(model), "stats": _stats(model)})
-  _assert_close(history, expected)
+  _assert_close(history, expected, CROSS_DEVICE_TOLERANCE)
   # Sharded eval too.
   model.eval()
   y = _forward(model, jax.device_put(x[0], batch))
