@@ -79,12 +79,13 @@ def _glibc() -> ctypes.CDLL | None:
   return libc
 
 
-def _check_int(name: str, value: int, low: int) -> int:
+def _check_int(name: str, value: int, low: int, unit: str) -> int:
+  """`value` as an int in ``[low, 2**31 - 1]`` (a C int of `unit`), else a ValueError."""
   value = int(value)
   if not low <= value <= DEFAULT_THRESHOLD:
     raise ValueError(
-      f"`{name}`={value} is outside [{low}, {DEFAULT_THRESHOLD}]: glibc's mallopt takes a C int"
-      + (" number of bytes." if low == 0 else " number of arenas.")
+      f"`{name}`={value} is outside [{low}, {DEFAULT_THRESHOLD}]: glibc's mallopt takes a C int "
+      f"number of {unit}."
     )
   return value
 
@@ -124,11 +125,11 @@ def tune_malloc(
     ValueError: if a threshold is negative, `arena_max` is below 1, or one does not fit a C int.
   """
   settings = {
-    _M_MMAP_THRESHOLD: _check_int("mmap_threshold", mmap_threshold, 0),
-    _M_TRIM_THRESHOLD: _check_int("trim_threshold", trim_threshold, 0),
+    _M_MMAP_THRESHOLD: _check_int("mmap_threshold", mmap_threshold, 0, "bytes"),
+    _M_TRIM_THRESHOLD: _check_int("trim_threshold", trim_threshold, 0, "bytes"),
   }
   if arena_max is not None:
-    settings[_M_ARENA_MAX] = _check_int("arena_max", arena_max, 1)
+    settings[_M_ARENA_MAX] = _check_int("arena_max", arena_max, 1, "arenas")
   libc = _glibc()
   if libc is None:
     warnings.warn(
@@ -175,5 +176,5 @@ def tune_malloc_env(threshold: int = 2**32, arena_max: int | None = 1) -> dict[s
   value = str(int(threshold))
   env = {"MALLOC_MMAP_THRESHOLD_": value, "MALLOC_TRIM_THRESHOLD_": value}
   if arena_max is not None:
-    env["MALLOC_ARENA_MAX"] = str(_check_int("arena_max", arena_max, 1))
+    env["MALLOC_ARENA_MAX"] = str(_check_int("arena_max", arena_max, 1, "arenas"))
   return env
