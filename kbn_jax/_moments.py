@@ -149,11 +149,11 @@ ONE_PASS_WITHIN_STDS = 2.0
 
 
 def _one_pass_partials(x, axes):
-  """``(count, mean, M2, residual, trusted)`` from one pass: the sums of ``x`` and ``x^2``.
+  """``(count, total, squares, trusted)``: one pass, the sums of ``x`` and ``x^2``.
 
   The two sums are sibling reductions of the same input, the kernels of Flax's fast variance;
-  ``M2 = sum(x^2) - sum(x)^2 / n``. Its relative rounding error grows with
-  ``mean^2 / variance`` (Chan, Golub & LeVeque, 1983), so the result is `trusted` only when
+  ``M2 = sum(x^2) - sum(x)^2 / n`` (`_one_pass_m2`). Its relative rounding error grows with
+  ``mean^2 / variance`` (Chan, Golub & LeVeque, 1983), so the sums are `trusted` only when
   every channel's mean is within `ONE_PASS_WITHIN_STDS` standard deviations of 0 (a NaN or a
   constant channel away from 0 is not trusted). A shift other than 0 inside the reductions (the
   moving mean, one sample) would widen that window, but the broadcast subtraction makes each
@@ -164,10 +164,15 @@ def _one_pass_partials(x, axes):
   squares = jnp.sum(jnp.square(x), axes, keepdims=True)
   count = jnp.full(total.shape, count_value, x.dtype)
   mean = total / count
-  m2 = squares - total * mean
-  residual = total - count * mean
-  trusted = jnp.all(jnp.square(mean) * count <= ONE_PASS_WITHIN_STDS**2 * m2)
-  return count, mean, m2, residual, trusted
+  trusted = jnp.all(
+    jnp.square(mean) * count <= ONE_PASS_WITHIN_STDS**2 * _one_pass_m2(total, squares, count)
+  )
+  return count, total, squares, trusted
+
+
+def _one_pass_m2(total, squares, count):
+  """``M2 = sum(x^2) - sum(x) * mean`` from the sums of `_one_pass_partials`."""
+  return squares - total * (total / count)
 
 
 def _local_partials(x, axes, *, one_pass: bool, residual: bool):
@@ -177,7 +182,8 @@ def _local_partials(x, axes, *, one_pass: bool, residual: bool):
   batch's mean is not within `ONE_PASS_WITHIN_STDS` standard deviations of 0, a second pass
   takes ``M2`` around that mean (a `lax.cond`, so it runs only when needed; under `jax.vmap`
   with a per-example choice it always runs and each example keeps its own result). The mean is
-  the same in both: ``sum(x) / n``.
+  the same in both: ``sum(x) / n``. The conditional takes the two sums and each branch derives
+  what it returns, so that the per-channel arithmetic runs inside the taken branch.
 
   This is XLA:CPU's choice in compiled code (`compiled_for_cpu`), where a plain sum costs half
   a centered one; other backends keep two passes, straight-line: a conditional there waits for
@@ -189,14 +195,18 @@ def _local_partials(x, axes, *, one_pass: bool, residual: bool):
   x = x.astype(reduction_dtype(x.dtype))
   if not (one_pass and traced) or math.prod(x.shape) == 0:
     return _partials(x, axes, None, residual=residual, barrier=True)
-  count, mean, m2, rest, trusted = _one_pass_partials(x, axes)
+  count, total, squares, trusted = _one_pass_partials(x, axes)
 
-  def second_pass(mean):
-    m2, centered_rest = _centered_sums(x, axes, mean, residual)
-    return m2, rest if centered_rest is None else centered_rest
+  def keep(total, squares):
+    rest = total - count * (total / count)
+    return _one_pass_m2(total, squares, count), rest if residual else None
 
-  m2, rest = lax.cond(trusted, lambda _: (m2, rest), second_pass, mean)
-  return count, mean, m2, rest if residual else None
+  def second_pass(total, squares):
+    del squares  # M2 comes from a centered pass instead.
+    return _centered_sums(x, axes, total / count, residual)
+
+  m2, rest = lax.cond(trusted, keep, second_pass, total, squares)
+  return count, total / count, m2, rest
 
 
 def compiled_for_cpu(value: jax.typing.ArrayLike) -> bool:
