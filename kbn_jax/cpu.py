@@ -79,13 +79,14 @@ def _glibc() -> ctypes.CDLL | None:
   return libc
 
 
-def _check_int(name: str, value: int, low: int, unit: str) -> int:
-  """`value` as an int in ``[low, 2**31 - 1]`` (a C int of `unit`), else a ValueError."""
+def _check_int(
+  name: str, value: int, low: int, unit: str, high: int = DEFAULT_THRESHOLD, kind: str = "C int"
+) -> int:
+  """`value` as an int in ``[low, high]`` (a `kind` number of `unit`), else a ValueError."""
   value = int(value)
-  if not low <= value <= DEFAULT_THRESHOLD:
+  if not low <= value <= high:
     raise ValueError(
-      f"`{name}`={value} is outside [{low}, {DEFAULT_THRESHOLD}]: glibc's mallopt takes a C int "
-      f"number of {unit}."
+      f"`{name}`={value} is outside [{low}, {high}]: glibc takes a {kind} number of {unit}."
     )
   return value
 
@@ -171,9 +172,7 @@ def tune_malloc_env(threshold: int = 2**32, arena_max: int | None = 1) -> dict[s
   Raises:
     ValueError: if `threshold` is negative or `arena_max` is below 1.
   """
-  if int(threshold) < 0:
-    raise ValueError(f"`threshold`={threshold} is negative: it is a number of bytes.")
-  value = str(int(threshold))
+  value = str(_check_int("threshold", threshold, 0, "bytes", high=2**64 - 1, kind="size_t"))
   env = {"MALLOC_MMAP_THRESHOLD_": value, "MALLOC_TRIM_THRESHOLD_": value}
   if arena_max is not None:
     env["MALLOC_ARENA_MAX"] = str(_check_int("arena_max", arena_max, 1, "arenas"))
